@@ -1,0 +1,112 @@
+"""The ``pipeline`` command: one subcommand per stage, each a thin call into one ``run_*`` function.
+
+    pipeline preprocess --config configs/fast.yaml --set data.source=../shared/data/cifar10-jpeg-train.tar.gz
+    pipeline train      --config configs/fast.yaml --set train.epochs=5
+    pipeline predict    --model artifacts/runs/fast --input photos/ --output predictions.csv
+    pipeline config     --config configs/fast.yaml      (print the resolved config)
+
+``jobs/*.py`` call the same functions for ``ray job submit``. Bad configuration or input prints
+``error: ...`` and exits with status 2 before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before anything imports TensorFlow)
+from pipeline.config import ConfigError, describe, load_config, to_yaml
+
+USAGE_ERRORS = (ConfigError, ValueError, FileNotFoundError)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, recipe_required: bool = False) -> None:
+    parser.add_argument("--config", required=recipe_required, metavar="RECIPE.yaml",
+                        help="recipe file, e.g. configs/fast.yaml (default: built-in defaults)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one setting, e.g. --set train.epochs=5 (repeatable)")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster address (default: RAY_ADDRESS, else start a local Ray)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipeline", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    preprocess = commands.add_parser("preprocess", help="source images -> Parquet shards + manifest (Ray Data)")
+    add_config_arguments(preprocess)
+    preprocess.add_argument("--force", action="store_true", help="rebuild even if matching shards exist")
+
+    train = commands.add_parser("train", help="train a ResNet with Ray Train (preprocesses first if needed)")
+    add_config_arguments(train)
+
+    predict = commands.add_parser("predict", help="classify an image, a folder, a glob or a file list")
+    add_config_arguments(predict)
+    predict.add_argument("--model", help="export dir, checkpoint dir or run dir")
+    predict.add_argument("--input", help="image file, directory, glob, .txt file list or s3:// prefix")
+    predict.add_argument("--output", help="predictions .csv, .parquet or directory")
+
+    show = commands.add_parser("config", help="print the resolved config (or every key with --keys)")
+    add_config_arguments(show)
+    show.add_argument("--keys", action="store_true", help="list every key with its default and meaning")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except USAGE_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    from pipeline import runtime
+
+    config = load_config(args.config, args.overrides)
+    if args.command == "predict":
+        # Set directly, not as --set text: a path such as "2024" or "yes" must stay a string.
+        for key in ("model", "input", "output"):
+            if getattr(args, key) is not None:
+                setattr(config.infer, key, getattr(args, key))
+
+    if args.command == "config":
+        print(describe() if args.keys else to_yaml(config), end="\n")
+        return 0
+    if args.command == "preprocess":
+        from pipeline.data.preprocess import run_preprocess, summarize
+
+        runtime.connect(args.address)
+        print(summarize(run_preprocess(config, force=args.force)))
+        return 0
+    if args.command == "train":
+        from pipeline.train.run import run_training
+
+        runtime.connect(args.address, num_cpus=runtime.local_cpus_for_training(config))
+        print_training_summary(run_training(config))
+        return 0
+    if args.command == "predict":
+        from pipeline import infer
+
+        return infer.main(config, args.address)
+    raise AssertionError(args.command)
+
+
+def print_training_summary(summary: dict) -> None:
+    evaluation = summary["evaluation"]
+    final = summary["final"]
+    print(f"\nrun '{summary['run']}' finished: {summary['epochs']} epochs in {summary['wall_seconds']:.0f} s, "
+          f"{summary['train_images_per_second']} train images/s")
+    if "val_accuracy" in final:
+        print(f"  last epoch: val top-1 {final['val_accuracy']:.4f}, val top-5 {final.get('val_top5_accuracy', 0):.4f}; "
+              f"best val top-1 {summary['best_val_accuracy']:.4f}")
+    if "accuracy" in evaluation:
+        print(f"  {evaluation['split']} ({evaluation['rows']} images): top-1 {evaluation['accuracy']:.4f}, "
+              f"top-5 {evaluation['top5_accuracy']:.4f}, loss {evaluation['loss']:.4f}")
+    print(f"  model: {summary['export']}\n  summary: {summary['run_dir']}/summary.json")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

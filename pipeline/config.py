@@ -1,0 +1,364 @@
+"""The one configuration schema: every setting, its default, unit and valid range live here.
+
+A run's configuration is built in three layers, later ones winning:
+  1. the defaults below (``Config()``),
+  2. a recipe YAML file from ``configs/`` (only the keys it names),
+  3. command-line overrides ``--set section.key=value`` (values parsed as YAML: ``5``, ``0.1``,
+     ``true``, ``[30, 60]``, ``null``).
+Unknown keys, wrong types and out-of-range values raise ``ConfigError`` naming the key (and the
+closest valid key for a typo) before any work starts. Derived values (per-worker batch size,
+scaled learning rate) are computed in one place each: ``batch_sizes`` and ``scaled_learning_rate``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or file is invalid; the message names the key."""
+
+
+def param(default, help: str, *, min=None, max=None, choices=None, min_exclusive=False):
+    """A config field with its documentation and validation rules beside the default."""
+    metadata = {"help": help, "min": min, "max": max, "choices": choices, "min_exclusive": min_exclusive}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+
+
+@dataclass
+class DataConfig:
+    source: str = param(
+        "cifar10",
+        "'cifar10' downloads the official archive (md5-checked) into cache_dir; otherwise a path "
+        "to cifar-10-python.tar.gz, an extracted cifar-10-batches-py/ folder, an image folder "
+        "(root/<class>/... or root/{train,test}/<class>/...), or such a folder packed as "
+        ".tar/.tar.gz/.zip")
+    download_url: str = param(CIFAR10_URL, "where source=cifar10 downloads from (a mirror may be given)")
+    cache_dir: str = param("~/.cache/ray-image-pipeline", "downloads and extracted archives")
+    output: str = param("artifacts/data", "directory (local or s3://, gs://) for Parquet shards + manifest.json")
+    image_size: int = param(32, "images are resized to image_size x image_size RGB (pixels)", min=8, max=1024)
+    val_fraction: float = param(0.1, "fraction of the training images held out for validation", min=0.0, max=0.9)
+    split_method: str = param(
+        "stratified", "'stratified': seeded random split with the same fraction per class; "
+        "'tail': the last val_fraction of the source order, like Keras validation_split",
+        choices=["stratified", "tail"])
+    split_seed: int = param(0, "seed of the train/val split", min=0)
+    rows_per_shard: int = param(10000, "target rows per Parquet shard file", min=1)
+    max_images_per_class: Optional[int] = param(
+        None, "use only the first N training images of each class (quick trials, benchmarks; null = all)",
+        min=1)
+    max_failed_fraction: float = param(
+        0.01, "fail when more than this fraction of the source files cannot be decoded", min=0.0, max=1.0)
+
+
+@dataclass
+class ModelConfig:
+    name: str = param("resnet18", "variant from pipeline.models.VARIANTS (resnet18/34/50/101/152)")
+    stem: str = param(
+        "cifar", "'cifar': 3x3 conv + stride-1 max-pool (the original, for 32x32 inputs); "
+        "'imagenet': 7x7/2 conv + 3x3/2 max-pool (for larger images)", choices=["cifar", "imagenet"])
+    width: int = param(64, "channels of the first stage; later stages double it (64 = standard ResNet)", min=1)
+    use_bias: bool = param(True, "conv layers keep a bias, as the original (Keras default); redundant before BN")
+    bn_momentum: float = param(
+        0.99, "BatchNorm moving-average momentum (0.99 = Keras default, the original; 0.9 = PyTorch's, "
+        "better for short schedules)", min=0.0, max=1.0)
+    normalization: str = param(
+        "standardize", "first layer of the model: 'scale' divides pixels by 255 (the original); "
+        "'standardize' subtracts the train split's per-channel mean and divides by its std",
+        choices=["scale", "standardize"])
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = param(100, "passes over the training split", min=1)
+    global_batch_size: Optional[int] = param(
+        100, "examples per optimizer step across all workers; set this or per_worker_batch_size", min=1)
+    per_worker_batch_size: Optional[int] = param(
+        None, "examples per step on each worker; global = per_worker x num_workers", min=1)
+    optimizer: str = param("sgd", "optimizer", choices=["sgd"])
+    learning_rate: float = param(
+        0.005, "peak learning rate at lr_batch_size examples per step; scaled linearly with the "
+        "global batch size (see scaled_learning_rate)", min=0.0, min_exclusive=True)
+    lr_batch_size: Optional[int] = param(
+        None, "batch size that learning_rate is given for; null = no scaling (learning_rate is used "
+        "as is at any batch size)", min=1)
+    momentum: float = param(0.9, "SGD momentum", min=0.0, max=0.999)
+    nesterov: bool = param(False, "Nesterov momentum")
+    weight_decay: float = param(
+        0.0, "decoupled weight decay per step, multiplied by the learning rate; BN and biases excluded",
+        min=0.0)
+    label_smoothing: float = param(0.0, "label smoothing of the cross-entropy", min=0.0, max=0.5)
+    lr_schedule: str = param(
+        "constant", "constant (original) | step | cosine | onecycle",
+        choices=["constant", "step", "cosine", "onecycle"])
+    warmup_epochs: float = param(0.0, "linear warm-up from 0 (cosine, onecycle, step)", min=0.0)
+    step_epochs: list = param([], "step schedule: epochs at which the rate is multiplied by step_gamma")
+    step_gamma: float = param(0.1, "step schedule factor", min=0.0, max=1.0)
+    final_lr_fraction: float = param(0.0, "cosine/onecycle end at learning_rate x this", min=0.0, max=1.0)
+    random_crop_padding: int = param(0, "augmentation: pad by this many pixels, then crop back (0 = off)", min=0)
+    horizontal_flip: bool = param(False, "augmentation: random left-right flip")
+    cutout: int = param(0, "augmentation: zero one random square of this side (pixels; 0 = off)", min=0)
+    precision: str = param(
+        "fp32", "fp32 | bf16 (mixed_bfloat16: AMX CPUs, A100+) | fp16 (mixed_float16 + loss scaling, GPUs)",
+        choices=["fp32", "bf16", "fp16"])
+    shuffle_buffer_size: int = param(
+        10000, "rows in each worker's local shuffle buffer, on top of a per-epoch block-order shuffle", min=0)
+    checkpoint_every_epochs: int = param(1, "report a checkpoint every N epochs (and at the last)", min=1)
+    checkpoints_to_keep: int = param(
+        1, "best checkpoints kept by val_accuracy; the latest is always kept as well", min=1)
+    max_failures: int = param(2, "restarts from the latest checkpoint after a worker dies", min=-1)
+    seed: Optional[int] = param(0, "seed of weights, shuffling and augmentation (null: random)", min=0)
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = param(1, "Ray Train workers (one TensorFlow replica each)", min=1)
+    use_gpu: bool = param(False, "give each worker GPUs")
+    gpus_per_worker: float = param(1.0, "GPUs per worker when use_gpu", min=0.0)
+    cpus_per_worker: float = param(
+        1.0, "CPUs reserved per worker (TensorFlow still uses all cores of its node)", min=0.0)
+    collective: str = param(
+        "auto", "all-reduce implementation: auto (NCCL on GPUs, ring on CPUs) | ring | nccl",
+        choices=["auto", "ring", "nccl"])
+
+
+@dataclass
+class RunConfig:
+    name: Optional[str] = param(None, "run name; re-using a name resumes that run (null: from the recipe)")
+    storage_path: str = param("artifacts/runs", "where runs live (local or s3://, gs://; shared by all nodes)")
+
+
+@dataclass
+class InferConfig:
+    model: Optional[str] = param(None, "export dir, checkpoint dir or run dir to load the model from")
+    input: Optional[str] = param(None, "image file, directory, glob, file list (.txt) or s3:// prefix")
+    output: Optional[str] = param(None, "predictions: .csv, .parquet, or a directory of Parquet parts")
+    batch_size: int = param(256, "images per model call", min=1)
+    num_actors: int = param(1, "model replicas (actors) in the pool", min=1)
+    gpus_per_actor: float = param(0.0, "GPUs per model actor (0 on CPU nodes)", min=0.0)
+    cpus_per_actor: float = param(1.0, "CPUs reserved per model actor", min=0.0)
+    top_k: int = param(5, "classes listed per image", min=1)
+    rows_per_file: int = param(
+        10000, "target rows per Parquet part of the predictions (fewer, larger files than one per batch)",
+        min=1)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    recipe: str = "default"  # file stem of the recipe, used as the default run name
+
+
+# ---------------------------------------------------------------- derived values (one place each)
+
+def batch_sizes(config: Config) -> tuple[int, int]:
+    """(per_worker_batch_size, global_batch_size): exactly one is configured, the other derived."""
+    workers = config.scaling.num_workers
+    train = config.train
+    if train.per_worker_batch_size is not None:
+        return train.per_worker_batch_size, train.per_worker_batch_size * workers
+    if train.global_batch_size % workers:
+        raise ConfigError(
+            f"train.global_batch_size={train.global_batch_size} is not divisible by "
+            f"scaling.num_workers={workers}; change one, or set train.per_worker_batch_size")
+    return train.global_batch_size // workers, train.global_batch_size
+
+
+def scaled_learning_rate(config: Config) -> float:
+    """Linear scaling rule (Goyal et al. 2017): lr = learning_rate x global_batch / lr_batch_size.
+
+    With ``lr_batch_size: null`` the rate is used unchanged, as the original recipe did.
+    """
+    _, global_batch = batch_sizes(config)
+    if config.train.lr_batch_size is None:
+        return config.train.learning_rate
+    return config.train.learning_rate * global_batch / config.train.lr_batch_size
+
+
+# ---------------------------------------------------------------- loading and validation
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Defaults, then the recipe file at ``path``, then ``key=value`` overrides; validated."""
+    raw: dict[str, Any] = {}
+    recipe = "default"
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(file.read_text())
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML: {error}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, got {type(loaded).__name__}")
+        raw = loaded or {}
+        recipe = file.stem
+    config = from_dict(raw)
+    config.recipe = recipe
+    for override in overrides or []:
+        apply_override(config, override)
+    validate(config)
+    return config
+
+
+def from_dict(raw: dict) -> Config:
+    config = Config()
+    for section_name, values in raw.items():
+        if section_name == "recipe":
+            config.recipe = str(values)
+            continue
+        section = _section(config, section_name)
+        if not isinstance(values, dict):
+            raise ConfigError(f"section '{section_name}' must be a mapping of keys, got {values!r}")
+        for key, value in values.items():
+            _set(section, section_name, key, value)
+    return config
+
+
+def apply_override(config: Config, override: str) -> None:
+    """Apply one ``section.key=value`` override (value parsed as YAML)."""
+    if "=" not in override:
+        raise ConfigError(f"override '{override}' must look like section.key=value, e.g. train.epochs=5")
+    dotted, text = override.split("=", 1)
+    if "." not in dotted:
+        raise ConfigError(f"override '{override}': the key must be section.key, e.g. train.epochs")
+    section_name, key = dotted.strip().split(".", 1)
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    _set(_section(config, section_name), section_name, key, value)
+
+
+def _all_keys() -> list[str]:
+    keys = []
+    for section in dataclasses.fields(Config):
+        if section.name != "recipe":
+            keys += [f"{section.name}.{f.name}" for f in dataclasses.fields(section.default_factory())]
+    return keys
+
+
+def _suggest(wrong: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(wrong, candidates, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _section(config: Config, name: str):
+    sections = [f.name for f in dataclasses.fields(Config) if f.name != "recipe"]
+    if name not in sections:
+        raise ConfigError(f"unknown config section '{name}'{_suggest(name, sections)} "
+                          f"(sections: {', '.join(sections)})")
+    return getattr(config, name)
+
+
+def _set(section, section_name: str, key: str, value) -> None:
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    if key not in fields:
+        dotted = f"{section_name}.{key}"
+        suggestion = _suggest(dotted, _all_keys()) or _suggest(key, list(fields))
+        raise ConfigError(f"unknown config key '{dotted}'{suggestion}")
+    hint = typing.get_type_hints(type(section))[key]
+    setattr(section, key, _coerce(f"{section_name}.{key}", value, hint))
+
+
+def _coerce(dotted: str, value, hint):
+    optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+    if optional:
+        if value is None:
+            return None
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    base = typing.get_origin(hint) or hint
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+        list: isinstance(value, list),
+    }[base]
+    if not ok:
+        wanted = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+                  list: "a list such as [30, 60]"}[base]
+        raise ConfigError(f"config key '{dotted}' must be {wanted}, got {value!r}")
+    return float(value) if base is float else value
+
+
+def validate(config: Config) -> None:
+    """Ranges, choices and cross-field rules; raises ConfigError naming the key."""
+    for section in dataclasses.fields(Config):
+        if section.name == "recipe":
+            continue
+        values = getattr(config, section.name)
+        for f in dataclasses.fields(values):
+            value, rules, dotted = getattr(values, f.name), f.metadata, f"{section.name}.{f.name}"
+            if value is None:
+                continue
+            if rules.get("choices") and value not in rules["choices"]:
+                raise ConfigError(f"config key '{dotted}' must be one of {rules['choices']}, got {value!r}"
+                                  f"{_suggest(str(value), rules['choices'])}")
+            low, high = rules.get("min"), rules.get("max")
+            if low is not None and (value < low or (rules.get("min_exclusive") and value == low)):
+                relation = ">" if rules.get("min_exclusive") else ">="
+                raise ConfigError(f"config key '{dotted}' must be {relation} {low}, got {value!r}")
+            if high is not None and value > high:
+                raise ConfigError(f"config key '{dotted}' must be <= {high}, got {value!r}")
+    train = config.train
+    if (train.global_batch_size is None) == (train.per_worker_batch_size is None):
+        raise ConfigError("set exactly one of train.global_batch_size and train.per_worker_batch_size "
+                          "(the other is derived from scaling.num_workers); set the other to null")
+    batch_sizes(config)
+    if not all(isinstance(e, int) and e > 0 for e in train.step_epochs):
+        raise ConfigError(f"config key 'train.step_epochs' must be a list of positive epochs, got {train.step_epochs!r}")
+    if train.lr_schedule == "step" and not train.step_epochs:
+        raise ConfigError("train.lr_schedule=step needs train.step_epochs, e.g. [30, 60]")
+    if train.warmup_epochs >= train.epochs and train.lr_schedule != "constant":
+        raise ConfigError(f"train.warmup_epochs={train.warmup_epochs} must be below train.epochs={train.epochs}")
+    if train.cutout >= config.data.image_size:
+        raise ConfigError(f"train.cutout={train.cutout} must be smaller than data.image_size={config.data.image_size}")
+    if config.scaling.collective == "nccl" and not config.scaling.use_gpu:
+        raise ConfigError("scaling.collective=nccl needs scaling.use_gpu=true (NCCL is GPU-only); use ring or auto")
+
+
+# ---------------------------------------------------------------- serialisation
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def to_yaml(config: Config) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def fingerprint(values: dict) -> str:
+    """Short stable hash of a JSON-able dict (used to tell whether outputs match a config)."""
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def describe() -> str:
+    """Every key with its default and help: printed by ``pipeline config --help-keys``."""
+    lines = []
+    for section in dataclasses.fields(Config):
+        if section.name == "recipe":
+            continue
+        for f in dataclasses.fields(section.default_factory()):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"{section.name}.{f.name} = {default!r}\n    {f.metadata.get('help', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,483 @@
+"""The preprocess stage: source items -> train/val/test split -> Ray Data decode -> Parquet shards + manifest.
+
+    run_preprocess(config)          build (or reuse) <data.output>/manifest.json and its shards
+    ensure_preprocessed(config)     the same, for stages that need the data (never forces a rebuild)
+
+Layout of ``data.output`` (local path or s3://, gs://):
+    manifest.json                          written LAST and atomically: the commit point
+    config.yaml                            the fully resolved config of the build
+    shards-<build id>/<split>/part-<n>.parquet   columns id, label, image (raw uint8 HWC RGB bytes)
+A build writes its own ``shards-<build id>`` folder, commits the manifest, then deletes every other
+``shards-*`` folder (older or crashed builds). Readers only open the files the manifest lists.
+
+Rebuilding is skipped when the manifest's source fingerprint and data-config fingerprint match:
+a re-run (or ``pipeline train``) costs a listing of the source, not a decode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import json
+import os
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pipeline import storage
+from pipeline.config import Config, DataConfig, fingerprint, to_yaml
+from pipeline.data.images import UnreadableImage, decode_image
+from pipeline.data.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, shard_relative_path
+from pipeline.data.sources import CIFAR10_IMAGE_SIZE, Item, Source, load_cifar_batch, resolve_source, say
+
+SPLITS = ("train", "val", "test")
+
+# Rows per Ray Data block for the decode step: small enough that many tasks share the cores (and
+# the progress bar moves), large enough that per-task overhead (~ms) stays below decode time.
+ROWS_PER_DECODE_BLOCK = 500
+
+# The data settings that change the shards' content or layout; fingerprinted to decide reuse.
+# cache_dir and output are where things live, not what they hold; download_url only matters
+# through the archive it yields, which the source fingerprint (md5) covers.
+SHARD_AFFECTING_KEYS = ("image_size", "val_fraction", "split_method", "split_seed",
+                        "rows_per_shard", "max_failed_fraction", "max_images_per_class")
+
+PIXEL_FORMAT = "uint8 HWC RGB, row-major, in the binary column 'image'"
+
+
+class PreprocessError(ValueError):
+    """The build failed for a reason the user can act on (too many unreadable files, no images)."""
+
+
+# ---------------------------------------------------------------- entry points
+
+def ensure_preprocessed(config: Config) -> Manifest:
+    """The preprocessed data for ``config``: reused when current, built otherwise."""
+    return run_preprocess(config, force=False)
+
+
+def run_preprocess(config: Config, force: bool = False) -> Manifest:
+    """Build ``config.data.output`` from ``config.data.source`` unless a matching build exists."""
+    started = time.perf_counter()
+    data = config.data
+    output = storage.absolute(data.output)
+    source = resolve_source(data)
+    timings = {"source_seconds": time.perf_counter() - started}  # download, extraction, listing
+    config_fingerprint = data_config_fingerprint(data)
+
+    existing = _read_manifest(output)
+    if existing is not None and not force:
+        stale = _why_stale(existing, source, config_fingerprint, data)
+        if stale is None:
+            say(f"reusing preprocessed data at {output} (same source and config; pass --force to rebuild)")
+            return Manifest(output, existing)
+        say(f"rebuilding preprocessed data at {output}: {stale}")
+    elif existing is not None:
+        say(f"rebuilding preprocessed data at {output} (--force)")
+
+    splits = split_source(source, data)
+    if not splits.get("train"):
+        raise PreprocessError(f"no training images left in {source.root} after the split "
+                              f"(data.val_fraction={data.val_fraction})")
+    say("splits: " + ", ".join(f"{name} {len(items)}" for name, items in splits.items())
+        + (f" ({data.split_method} split, val_fraction {data.val_fraction}, seed {data.split_seed})"
+           if "val" in splits else ""))
+
+    from pipeline import runtime
+
+    runtime.connect()  # no-op when the caller already connected (jobs, cli, tests)
+
+    build = f"shards-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+    try:
+        writing = time.perf_counter()
+        results = {name: _write_split(name, items, source, data, output, build)
+                   for name, items in splits.items()}
+        timings["decode_and_write_seconds"] = time.perf_counter() - writing
+        manifest = _commit(config, source, config_fingerprint, output, build, results, started, timings)
+    except BaseException:
+        # Nothing of a failed build stays behind; the previous manifest (if any) stays valid.
+        storage.delete(storage.join(output, build))
+        raise
+    _delete_other_builds(output, keep=build)
+    counts = manifest.raw["counts"]
+    say(f"done: {counts['seen']} images in {manifest.raw['elapsed_seconds']:.1f} s = "
+        f"{manifest.raw['images_per_second']:.0f} images/s (source {timings['source_seconds']:.1f} s, "
+        f"decode + write {timings['decode_and_write_seconds']:.1f} s), written to {output} "
+        f"({counts['written']} rows, {counts['rejected']} rejected)")
+    return manifest
+
+
+def data_config_fingerprint(data: DataConfig) -> str:
+    """Fingerprint of the data settings that affect the shards (not where they live)."""
+    identity = data.source if data.source == "cifar10" else storage.absolute(data.source)
+    values = {"schema_version": SCHEMA_VERSION, "source": identity}
+    values.update({key: getattr(data, key) for key in SHARD_AFFECTING_KEYS})
+    return fingerprint(values)
+
+
+def _read_manifest(output: str) -> Optional[dict]:
+    path = storage.join(output, MANIFEST_NAME)
+    if not storage.exists(path):
+        return None
+    try:
+        return storage.read_json(path)
+    except ValueError:
+        return None  # unreadable: treated as absent, the build below replaces it
+
+
+def _why_stale(existing: dict, source: Source, config_fingerprint: str, data: DataConfig) -> Optional[str]:
+    """None when the existing build can be reused, else the reason to rebuild."""
+    if existing.get("schema_version") != SCHEMA_VERSION:
+        return f"schema_version {existing.get('schema_version')} != {SCHEMA_VERSION}"
+    if existing.get("source_fingerprint") != source.fingerprint:
+        return "the source changed"
+    if existing.get("config_fingerprint") != config_fingerprint:
+        before = existing.get("data_config") or {}
+        changed = [f"{key} {before.get(key)!r} -> {getattr(data, key)!r}"
+                   for key in ("source",) + SHARD_AFFECTING_KEYS if before.get(key) != getattr(data, key)]
+        return "changed data." + ", data.".join(changed) if changed else "the data config changed"
+    output = storage.absolute(data.output)
+    for split in existing.get("splits", {}).values():
+        for shard in split["shards"]:
+            if not storage.exists(storage.join(output, *shard["path"].split("/"))):
+                return f"shard {shard['path']} is missing"
+    return None
+
+
+# ---------------------------------------------------------------- split
+
+def split_source(source: Source, data: DataConfig) -> dict[str, list[Item]]:
+    """{"train", "val" (if val_fraction > 0), "test" (if the source has one)} -> items."""
+    items = source.items_by_split["train"]
+    if data.max_images_per_class is not None:
+        # A quick-trial subset: the first N of each class in source order (deterministic).
+        kept, taken = [], {}
+        for item in items:
+            if taken.get(item.label, 0) < data.max_images_per_class:
+                taken[item.label] = taken.get(item.label, 0) + 1
+                kept.append(item)
+        items = kept
+    train, val = split_train_val(items, data.val_fraction, data.split_method, data.split_seed)
+    splits = {"train": train}
+    if val:
+        splits["val"] = val
+    elif data.val_fraction > 0:
+        say(f"note: val_fraction {data.val_fraction} of {len(source.items_by_split['train'])} images rounds "
+            f"to 0: no val split")
+    if source.items_by_split.get("test"):
+        splits["test"] = source.items_by_split["test"]
+    if data.split_method == "tail" and source.kind == "image_folder" and val:
+        classes = {item.label for item in val}
+        if len(classes) < len(source.class_names):
+            say(f"note: split_method=tail took the last {len(val)} files in sorted path order, which covers "
+                f"only {len(classes)} of {len(source.class_names)} classes; split_method=stratified "
+                f"holds out every class equally")
+    # Rows are written in a seeded random order so that every shard mixes all classes: training
+    # streams shards through a bounded local shuffle buffer, and class-sorted shards would give
+    # nearly single-class batches (BatchNorm then normalises the class signal away).
+    return {name: [items[i] for i in np.random.default_rng([data.split_seed, index]).permutation(len(items))]
+            for index, (name, items) in enumerate(splits.items())}
+
+
+def split_train_val(items: list[Item], val_fraction: float, method: str, seed: int) -> tuple[list[Item], list[Item]]:
+    """(train, val), both in source order.
+
+    stratified: per class, a permutation seeded by (seed, label) picks exactly
+        round(n_class * val_fraction) items for val; one class's split does not depend on the others.
+    tail: the last round(n * val_fraction) items in source order, as Keras ``validation_split``.
+    """
+    if val_fraction <= 0:
+        return list(items), []
+    if method == "tail":
+        count = round(len(items) * val_fraction)
+        cut = len(items) - count
+        return list(items[:cut]), list(items[cut:])
+    if method != "stratified":
+        raise ValueError(f"unknown data.split_method {method!r}; use 'stratified' or 'tail'")
+    positions_by_label: dict[int, list[int]] = {}
+    for position, item in enumerate(items):
+        positions_by_label.setdefault(item.label, []).append(position)
+    in_val = np.zeros(len(items), dtype=bool)
+    for label, positions in positions_by_label.items():
+        count = round(len(positions) * val_fraction)
+        chosen = np.random.default_rng([seed, label]).permutation(len(positions))[:count]
+        in_val[np.asarray(positions)[chosen]] = True
+    return ([item for item, val in zip(items, in_val) if not val],
+            [item for item, val in zip(items, in_val) if val])
+
+
+# ---------------------------------------------------------------- Ray Data: decode
+
+@functools.lru_cache(maxsize=6)
+def _cifar_data(path: str, size: int, mtime_ns: int) -> np.ndarray:
+    """One unpickle per batch file per worker process; size/mtime make a changed file a cache miss.
+    All six files (~180 MB) fit: rows arrive in shuffled order (see split_source), so a block of
+    rows touches every file."""
+    data, _ = load_cifar_batch(path)
+    return data
+
+
+def _cifar_pixels(path: str, row: int, image_size: int) -> np.ndarray:
+    info = os.stat(path)
+    side = CIFAR10_IMAGE_SIZE
+    # A row is channel-major (R plane, G plane, B plane, each 32x32 row-major): CHW -> HWC.
+    pixels = _cifar_data(path, info.st_size, info.st_mtime_ns)[row].reshape(3, side, side).transpose(1, 2, 0)
+    if image_size != side:
+        # The same resize decode_image applies to files, so both kinds of source agree.
+        pixels = np.asarray(Image.fromarray(pixels).resize((image_size, image_size), Image.Resampling.BICUBIC))
+    return pixels
+
+
+def decode_images(batch: dict[str, np.ndarray], image_size: int) -> pa.Table:
+    """Items -> raw pixels. A file that cannot be read or decoded becomes a row with an ``error``
+    reason (and empty image) instead of failing the dataset; the writer skips and reports it."""
+    images, errors = [], []
+    for path, row in zip(batch["path"], batch["row"]):
+        try:
+            if row >= 0:
+                pixels = _cifar_pixels(path, int(row), image_size)
+            else:
+                with open(path, "rb") as handle:
+                    pixels = decode_image(handle.read(), image_size)
+            images.append(np.ascontiguousarray(pixels).tobytes())
+            errors.append("")
+        except (UnreadableImage, OSError) as error:
+            images.append(b"")
+            errors.append(str(error) or type(error).__name__)
+    return pa.table({
+        "index": pa.array(batch["index"], pa.int64()),
+        "id": pa.array(batch["id"], pa.string()),
+        "label": pa.array(batch["label"], pa.int64()),
+        "image": pa.array(images, pa.binary()),
+        "error": pa.array(errors, pa.string()),
+    })
+
+
+# ---------------------------------------------------------------- Ray Data: write
+
+def shard_name(index: np.ndarray, rows_per_shard: int, split_rows: int) -> str:
+    """``part-<n>.parquet`` for the batch holding exactly rows [n*R, (n+1)*R) of the split.
+
+    Blocks are aligned to shard boundaries and the order is preserved, so every batch should be a
+    whole shard. Should Ray ever hand over a batch that is not, it is named after its first row
+    instead (batches never share rows, so names stay unique): no batch can overwrite another's file.
+    """
+    first = int(index.min())
+    shard = first // rows_per_shard
+    whole = (first == shard * rows_per_shard
+             and len(index) == min(rows_per_shard, split_rows - first)
+             and int(index.max()) - first == len(index) - 1)
+    return f"part-{shard:05d}.parquet" if whole else f"part-from-row-{first:08d}.parquet"
+
+
+def write_shards(batch: pa.Table, output: str, build: str, split: str, rows_per_shard: int,
+                 split_rows: int, num_classes: int) -> dict[str, np.ndarray]:
+    """One batch -> one Parquet file of its good rows, and a one-row summary for the manifest."""
+    errors = batch.column("error").to_pylist()
+    ids = batch.column("id").to_pylist()
+    good = np.array([not error for error in errors], dtype=bool)
+    rejected = [{"id": ids[i], "split": split, "reason": errors[i]} for i in np.flatnonzero(~good)]
+    labels = batch.column("label").to_numpy()[good]
+
+    pixel_sum, pixel_sum_sq, relative_path = [0.0] * 3, [0.0] * 3, ""
+    if good.any():
+        table = batch.filter(pa.array(good)).select(["id", "label", "image"])
+        pixels = np.frombuffer(b"".join(table.column("image").to_pylist()), dtype=np.uint8).reshape(-1, 3)
+        levels = np.arange(256, dtype=np.float64)
+        for channel in range(3):
+            # A 256-bin histogram gives exact sums without a float copy of every pixel.
+            counts = np.bincount(pixels[:, channel], minlength=256).astype(np.float64)
+            pixel_sum[channel] = float(counts @ levels)
+            pixel_sum_sq[channel] = float(counts @ levels**2)
+        relative_path = shard_relative_path(build, split, shard_name(batch.column("index").to_numpy(),
+                                                                     rows_per_shard, split_rows))
+        filesystem, inner = storage.filesystem(storage.join(output, *relative_path.split("/")))
+        filesystem.create_dir(inner.rsplit("/", 1)[0], recursive=True)
+        pq.write_table(table, inner, filesystem=filesystem)
+    return {
+        "path": np.array([relative_path]),
+        "rows": np.array([int(good.sum())], dtype=np.int64),
+        "pixel_sum": np.array([json.dumps(pixel_sum)]),
+        "pixel_sum_sq": np.array([json.dumps(pixel_sum_sq)]),
+        "class_counts": np.array([json.dumps(np.bincount(labels, minlength=num_classes).tolist())]),
+        "rejected": np.array([json.dumps(rejected)]),
+    }
+
+
+def _item_blocks(items: list[Item], rows_per_shard: int) -> list[pa.Table]:
+    """Items as Arrow blocks that never straddle a shard boundary, so that the writer's batches of
+    rows_per_shard rows are whole shards (Ray bundles consecutive blocks up to the batch size)."""
+    blocks = []
+    for start in range(0, len(items), rows_per_shard):
+        stop = min(len(items), start + rows_per_shard)
+        pieces = -(-(stop - start) // ROWS_PER_DECODE_BLOCK)
+        for chunk in np.array_split(np.arange(start, stop), pieces):
+            chunk_items = [items[i] for i in chunk]
+            blocks.append(pa.table({
+                "index": pa.array(chunk, pa.int64()),
+                "id": pa.array([item.id for item in chunk_items], pa.string()),
+                "label": pa.array([item.label for item in chunk_items], pa.int64()),
+                "path": pa.array([item.path for item in chunk_items], pa.string()),
+                "row": pa.array([item.row for item in chunk_items], pa.int64()),
+            }))
+    return blocks
+
+
+def _on_this_node() -> dict:
+    """map_batches arguments that keep tasks on the driver's node, where a local source (or a local
+    output folder) lives; harmless on a single node. Ray >= 2.5x: the named ``label_selector`` on the
+    built-in node-id label (``ray_remote_args`` such as scheduling_strategy are deprecated there);
+    older Ray: a hard NodeAffinitySchedulingStrategy."""
+    import ray
+    from ray.data import Dataset
+
+    node_id = ray.get_runtime_context().get_node_id()
+    if "label_selector" in inspect.signature(Dataset.map_batches).parameters:
+        return {"label_selector": {"ray.io/node-id": node_id}}
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False)}
+
+
+def _this_node_cpus() -> int:
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node["NodeID"] == node_id:
+            return max(1, int(node["Resources"].get("CPU", 1)))
+    return 1
+
+
+def _writer_memory(data: DataConfig) -> int:
+    """Bytes reserved per writer task: a worker process with pyarrow loaded (~150 MiB), plus the
+    batch, its filtered copy and the Parquet buffers (~3x a shard). Reserving it also keeps Ray Data
+    from fusing decode and write into one task per shard, which would cut the decode parallelism
+    to the number of shards."""
+    shard_bytes = data.rows_per_shard * (data.image_size**2 * 3 + 64)
+    if shard_bytes > 2**30:
+        say(f"note: a shard holds {shard_bytes / 2**30:.1f} GiB of pixels (rows_per_shard {data.rows_per_shard} "
+            f"x {data.image_size}px); lower data.rows_per_shard if writer tasks run out of memory")
+    return int(min(3 * shard_bytes + 256 * 2**20, 4 * 2**30))
+
+
+def _write_split(split: str, items: list[Item], source: Source, data: DataConfig, output: str,
+                 build: str) -> list[dict]:
+    import ray.data
+
+    say(f"writing split {split} ({len(items)} rows) to {storage.join(output, build, split)} ...")
+    blocks = _item_blocks(items, data.rows_per_shard)
+    dataset = ray.data.from_arrow(blocks)
+    # In order: shard n holds rows [n*R, (n+1)*R) of the split, so a rebuild writes the same files.
+    dataset.context.execution_options.preserve_order = True
+    # Ray Data's per-operator resource reservation keeps a share of the CPUs for the writer, which
+    # runs only once per shard: decode ran ~1 task at a time on 2 CPUs and ~3 on 8 (measured).
+    # Without it, decode tasks are capped explicitly below instead: 2 per CPU of this node keeps
+    # every core busy (and the writer fed) without queueing the whole split at once.
+    dataset.context.op_resource_reservation_enabled = False
+    on_this_node = _on_this_node()
+    dataset = dataset.map_batches(
+        decode_images, batch_size=None, batch_format="numpy", fn_kwargs={"image_size": data.image_size},
+        concurrency=min(len(blocks), 2 * _this_node_cpus()), **on_this_node)
+    dataset = dataset.map_batches(
+        write_shards, batch_size=data.rows_per_shard, batch_format="pyarrow",
+        fn_kwargs={"output": output, "build": build, "split": split, "rows_per_shard": data.rows_per_shard,
+                   "split_rows": len(items), "num_classes": len(source.class_names)},
+        memory=_writer_memory(data),
+        # A local output folder must be the driver's disk too, or shards would scatter over nodes.
+        **({} if storage.is_uri(output) else on_this_node))
+    return dataset.take_all()
+
+
+# ---------------------------------------------------------------- manifest
+
+def _commit(config: Config, source: Source, config_fingerprint: str, output: str, build: str,
+            results: dict[str, list[dict]], started: float, timings: dict[str, float]) -> Manifest:
+    """Check the failure budget, then write config.yaml and (last, atomically) manifest.json."""
+    data = config.data
+    rejected = [entry for summaries in results.values() for row in summaries for entry in json.loads(row["rejected"])]
+    seen = sum(len(items) for items in source.items_by_split.values())
+    if seen and len(rejected) / seen > data.max_failed_fraction:
+        reasons = "; ".join(f"{entry['id']}: {entry['reason']}" for entry in rejected[:5])
+        raise PreprocessError(
+            f"{len(rejected)} of {seen} images ({len(rejected) / seen:.1%}) could not be read, more than "
+            f"data.max_failed_fraction={data.max_failed_fraction}; first reasons: {reasons}. No manifest "
+            f"was written; fix or remove those files, or raise data.max_failed_fraction")
+
+    splits, sums = {}, {}
+    for name, summaries in results.items():
+        class_counts = np.sum([json.loads(row["class_counts"]) for row in summaries], axis=0).astype(int)
+        shards = sorted(({"path": str(row["path"]), "rows": int(row["rows"])} for row in summaries if row["rows"]),
+                        key=lambda shard: shard["path"])
+        splits[name] = {"rows": sum(shard["rows"] for shard in shards),
+                        "class_counts": dict(zip(source.class_names, class_counts.tolist())),
+                        "shards": shards}
+        sums[name] = (np.sum([json.loads(row["pixel_sum"]) for row in summaries], axis=0),
+                      np.sum([json.loads(row["pixel_sum_sq"]) for row in summaries], axis=0))
+    if splits["train"]["rows"] == 0:
+        raise PreprocessError(f"no readable training images in {source.root}")
+    splits = {name: splits[name] for name in SPLITS if name in splits and splits[name]["rows"]}
+
+    pixels = splits["train"]["rows"] * data.image_size**2
+    mean = sums["train"][0] / pixels
+    std = np.sqrt(np.maximum(sums["train"][1] / pixels - mean**2, 0.0))
+    written = sum(split["rows"] for split in splits.values())
+    elapsed = time.perf_counter() - started
+    raw = {
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": source.describe(),
+        "source_fingerprint": source.fingerprint,
+        "config_fingerprint": config_fingerprint,
+        "data_config": dataclasses.asdict(data),
+        "class_names": source.class_names,
+        "image_size": data.image_size,
+        "channels": 3,
+        "pixel_format": PIXEL_FORMAT,
+        "normalization": {"mean": [round(float(v), 6) for v in mean], "std": [round(float(v), 6) for v in std],
+                          "units": "0-255 pixel values, per channel R, G, B, over the train split"},
+        "splits": splits,
+        "rejected": rejected,
+        "counts": {"seen": seen, "written": written, "rejected": len(rejected)},
+        "elapsed_seconds": round(elapsed, 3),
+        "images_per_second": round(seen / elapsed, 1),
+        "timings": {key: round(value, 3) for key, value in timings.items()},
+        "build": build,
+    }
+    storage.write_text(storage.join(output, "config.yaml"), to_yaml(config))
+    storage.write_json(storage.join(output, MANIFEST_NAME), raw)  # the commit point
+    return Manifest(output, raw)
+
+
+def _delete_other_builds(output: str, keep: str) -> None:
+    """After the commit: shard folders of older builds (and of crashed ones) are garbage."""
+    stale = [name for name in storage.list_dir(output) if name.startswith("shards-") and name != keep]
+    for name in stale:
+        storage.delete(storage.join(output, name))
+    if stale:
+        say(f"removed {len(stale)} older shard folder(s): {', '.join(stale)}")
+
+
+def summarize(manifest: Manifest) -> str:
+    """One paragraph for the end of a job: splits, rows, rejected, speed, where."""
+    raw = manifest.raw
+    splits = ", ".join(f"{name} {split['rows']} rows in {len(split['shards'])} shard(s)"
+                       for name, split in manifest.splits.items())
+    rejected = raw["counts"]["rejected"]
+    reasons = ""
+    if rejected:
+        reasons = " (" + "; ".join(f"{e['id']}: {e['reason']}" for e in raw["rejected"][:3]) \
+                  + ("; ..." if rejected > 3 else "") + ")"
+    return (f"Preprocessed {raw['source']['spec']} ({raw['source']['kind']}, {manifest.num_classes} classes, "
+            f"{manifest.image_size}x{manifest.image_size} RGB) into {manifest.root}: {splits}; "
+            f"{rejected} of {raw['counts']['seen']} files rejected{reasons}; "
+            f"{raw['images_per_second']:.0f} images/s over {raw['elapsed_seconds']:.1f} s (built {raw['created']}); "
+            f"train mean {[round(v, 1) for v in manifest.mean]}, std {[round(v, 1) for v in manifest.std]}; "
+            f"manifest: {storage.join(manifest.root, MANIFEST_NAME)}")

@@ -1,0 +1,136 @@
+"""What a trained model looks like on disk, and the one way to load it back.
+
+Two layouts, each with a ``metadata.json`` written last (its presence marks the folder complete):
+
+* export (``<run>/export/``), for serving:
+    ``model.keras``      tf-keras native format, float32 weights, no optimizer
+    ``saved_model/``     TensorFlow SavedModel, signature ``serving_default``
+    ``metadata.json``    ``kind: "export"`` + class names, image size, model config
+* checkpoint (``<run>/checkpoint_*/``, reported to Ray Train every N epochs), for resuming:
+    ``tf_checkpoint/``   ``tf.train.Checkpoint`` of model and optimizer (step counter included,
+                         so the learning-rate schedule resumes at the right position)
+    ``state.json``       epoch counter and the metric history so far
+    ``metadata.json``    ``kind: "checkpoint"``, same fields as an export
+
+Both take raw RGB pixels, float32 (batch, size, size, 3) in [0, 255], and return float32 class
+probabilities: normalisation is inside the model. ``load_model`` accepts an export folder, a
+checkpoint folder or a run folder (whose ``export/`` it uses).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+
+import pipeline  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+from pipeline import storage
+
+FORMAT_VERSION = 1
+INPUT_SPEC = "float32 (batch, image_size, image_size, 3) RGB pixels in [0, 255]"
+OUTPUT_SPEC = "float32 (batch, num_classes) class probabilities (softmax)"
+
+
+def model_metadata(*, kind: str, class_names, image_size: int, config: dict, mean=None, std=None,
+                   **extra) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "class_names": list(class_names),
+        "image_size": int(image_size),
+        "input": INPUT_SPEC,
+        "output": OUTPUT_SPEC,
+        "normalization": {"mean": mean, "std": std},
+        "model": config["model"],
+        "config": config,
+        **extra,
+    }
+
+
+def save_export(model, metadata: dict, target: str) -> str:
+    """Write ``model`` as an export folder at ``target`` (local or URI); returns ``target``."""
+    import tensorflow as tf
+
+    target = storage.absolute(target)
+    storage.delete(storage.join(target, "metadata.json"))  # the folder is incomplete until the end
+    with tempfile.TemporaryDirectory(prefix="export-") as local:
+        model.save(os.path.join(local, "model.keras"))
+        tf.saved_model.save(model, os.path.join(local, "saved_model"), signatures=_serving_function(model))
+        storage.upload_dir(local, target)
+    storage.write_json(storage.join(target, "metadata.json"), {**metadata, "kind": "export"})
+    return target
+
+
+def _serving_function(model):
+    import tensorflow as tf
+
+    size = model.input_shape[1]
+
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="images")])
+    def serve(images):
+        return {"probabilities": model(images, training=False)}
+
+    return serve
+
+
+def write_checkpoint(directory: str, *, model, optimizer, state: dict, metadata: dict) -> None:
+    """Write a resumable checkpoint into a local ``directory`` (Ray Train then persists it)."""
+    import tensorflow as tf
+
+    tf.train.Checkpoint(model=model, optimizer=optimizer).write(os.path.join(directory, "tf_checkpoint", "ckpt"))
+    storage.write_json(os.path.join(directory, "state.json"), state)
+    storage.write_json(os.path.join(directory, "metadata.json"), {**metadata, "kind": "checkpoint"})
+
+
+def restore_checkpoint(directory: str, *, model, optimizer=None) -> dict:
+    """Load weights (and optimizer slots + step) from a local checkpoint folder; returns its state."""
+    import tensorflow as tf
+
+    objects = {"model": model} if optimizer is None else {"model": model, "optimizer": optimizer}
+    status = tf.train.Checkpoint(**objects).read(os.path.join(directory, "tf_checkpoint", "ckpt"))
+    if optimizer is None:
+        status.expect_partial()  # optimizer slots are in the file but not wanted for inference
+    else:
+        status.assert_existing_objects_matched()
+    return storage.read_json(os.path.join(directory, "state.json"))
+
+
+def find_model_dir(path: str) -> str:
+    """Resolve an export, checkpoint or run folder to the folder holding ``metadata.json``."""
+    path = storage.absolute(path)
+    if not storage.exists(path):
+        raise FileNotFoundError(f"model path does not exist: {path}")
+    if storage.exists(storage.join(path, "metadata.json")):
+        return path
+    if storage.exists(storage.join(path, "export", "metadata.json")):
+        return storage.join(path, "export")
+    checkpoints = [name for name in storage.list_dir(path) if name.startswith("checkpoint_")]
+    hint = (f"; it has checkpoints ({', '.join(checkpoints[-3:])}): pass one of them" if checkpoints
+            else "; pass an export folder (<run>/export), a checkpoint folder or a finished run folder")
+    raise FileNotFoundError(f"no model at {path}: no metadata.json and no export/ inside{hint}")
+
+
+def load_model(path: str):
+    """(tf-keras model, metadata) from an export, checkpoint or run folder (local or URI)."""
+    import tf_keras as keras
+
+    from pipeline.config import ModelConfig
+    from pipeline.models.resnet import build_model
+
+    folder = find_model_dir(path)
+    metadata = storage.read_json(storage.join(folder, "metadata.json"))
+    with tempfile.TemporaryDirectory(prefix="model-") as local:
+        local_folder = storage.download_dir(folder, local)
+        if metadata["kind"] == "export":
+            model = keras.models.load_model(os.path.join(local_folder, "model.keras"), compile=False)
+        else:
+            model = build_model(
+                ModelConfig(**metadata["model"]),
+                num_classes=len(metadata["class_names"]),
+                image_size=metadata["image_size"],
+                mean=metadata["normalization"]["mean"],
+                std=metadata["normalization"]["std"],
+            )
+            restore_checkpoint(local_folder, model=model)
+    return model, metadata

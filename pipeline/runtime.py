@@ -1,0 +1,58 @@
+"""Connecting to Ray: a local embedded instance on a laptop, or the cluster inside ``ray job submit``.
+
+The runtime environment is where ``TF_USE_LEGACY_KERAS=1`` reaches every worker process before it
+imports TensorFlow (see ``pipeline/__init__.py`` for why tf-keras). Ray merges these variables
+with a submitted job's own ``runtime_env``; a variable the job already sets is left to the job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ray
+
+WORKER_ENV_VARS = {
+    "TF_USE_LEGACY_KERAS": "1",
+    "TF_CPP_MIN_LOG_LEVEL": "1",
+    # Ray Train V2 is the default in current Ray; pin it so a cluster default cannot change the API.
+    "RAY_TRAIN_V2_ENABLED": "1",
+}
+
+
+def runtime_env() -> dict:
+    injected = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if injected:
+        # Inside `ray job submit`: the working dir is already on the workers' path.
+        job_env = (json.loads(injected).get("runtime_env") or {}).get("env_vars") or {}
+        env_vars = {key: value for key, value in WORKER_ENV_VARS.items() if key not in job_env}
+    else:
+        # A local Ray's workers start from this environment, not from this process' sys.path:
+        # without the checkout on PYTHONPATH, `python /repo/jobs/x.py` run from elsewhere fails there.
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        python_path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+        env_vars = {**WORKER_ENV_VARS, "PYTHONPATH": python_path}
+    return {"env_vars": env_vars} if env_vars else {}
+
+
+def connect(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join the cluster named by ``address`` / ``RAY_ADDRESS`` (set inside ``ray job submit``),
+    or start a local embedded Ray with this machine's resources."""
+    for key, value in WORKER_ENV_VARS.items():
+        os.environ.setdefault(key, value)
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs = {"runtime_env": runtime_env(), "log_to_driver": True}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+
+
+def local_cpus_for_training(config) -> int:
+    """Logical CPUs for a local Ray that trains: the workers' reservations plus room for the
+    Ray Data tasks that feed them (reserving every core for workers would starve the input
+    pipeline and hang). TensorFlow's threads are sized separately in the worker loop."""
+    reserved = config.scaling.num_workers * config.scaling.cpus_per_worker
+    return max(os.cpu_count() or 1, int(reserved + 0.999) + 2)

@@ -1,0 +1,138 @@
+"""Paths on local disk or object storage (s3://, gs://, ...) through ``pyarrow.fs``.
+
+Every stage reads and writes through these helpers so that a run's data and outputs can live on
+a laptop disk or in a bucket shared by a cluster without the stage knowing which. Local paths are
+made absolute, because Ray workers (and ``ray job submit --working-dir``) run in other folders.
+
+Writes of small files are atomic: locally a temporary file is renamed over the target; on object
+stores a single PUT is already all-or-nothing. A reader therefore never sees half a manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import shutil
+import uuid
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+
+def is_uri(path: str) -> bool:
+    return "://" in str(path)
+
+
+def absolute(path: str) -> str:
+    """URIs are returned unchanged; local paths are expanded (~) and made absolute."""
+    path = str(path)
+    if is_uri(path):
+        return path.rstrip("/")
+    return str(Path(path).expanduser().resolve())
+
+
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path within it) for a local path or a URI."""
+    path = absolute(path)
+    if is_uri(path):
+        if path.startswith("file://"):
+            return pafs.LocalFileSystem(), path[len("file://"):]
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), path
+
+
+def join(base: str, *parts: str) -> str:
+    base = absolute(base)
+    return posixpath.join(base, *parts) if is_uri(base) else os.path.join(base, *parts)
+
+
+def exists(path: str) -> bool:
+    fs, inner = filesystem(path)
+    return fs.get_file_info(inner).type != pafs.FileType.NotFound
+
+
+def is_dir(path: str) -> bool:
+    fs, inner = filesystem(path)
+    return fs.get_file_info(inner).type == pafs.FileType.Directory
+
+
+def makedirs(path: str) -> None:
+    fs, inner = filesystem(path)
+    fs.create_dir(inner, recursive=True)
+
+
+def list_dir(path: str) -> list[str]:
+    """Base names directly inside ``path`` (empty if it does not exist)."""
+    fs, inner = filesystem(path)
+    if fs.get_file_info(inner).type != pafs.FileType.Directory:
+        return []
+    return sorted(posixpath.basename(info.path) for info in fs.get_file_info(pafs.FileSelector(inner)))
+
+
+def delete(path: str) -> None:
+    """Delete a file or a directory tree; a missing path is not an error."""
+    fs, inner = filesystem(path)
+    kind = fs.get_file_info(inner).type
+    if kind == pafs.FileType.Directory:
+        fs.delete_dir(inner)
+    elif kind == pafs.FileType.File:
+        fs.delete_file(inner)
+
+
+def read_bytes(path: str) -> bytes:
+    fs, inner = filesystem(path)
+    with fs.open_input_stream(inner) as stream:
+        return stream.read()
+
+
+def read_text(path: str) -> str:
+    return read_bytes(path).decode("utf-8")
+
+
+def read_json(path: str):
+    return json.loads(read_text(path))
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Atomic write: readers see the old file or the whole new one, never a part."""
+    fs, inner = filesystem(path)
+    fs.create_dir(posixpath.dirname(inner) if is_uri(path) else os.path.dirname(inner), recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        temporary = f"{inner}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, inner)
+    else:
+        with fs.open_output_stream(inner) as stream:
+            stream.write(data)
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str, value) -> None:
+    write_text(path, json.dumps(value, indent=2, sort_keys=False) + "\n")
+
+
+def upload_dir(local_dir: str, target: str) -> None:
+    """Copy a local directory tree to ``target`` (local or URI), replacing files of the same name."""
+    fs, inner = filesystem(target)
+    if isinstance(fs, pafs.LocalFileSystem):
+        if os.path.abspath(local_dir) != inner:
+            shutil.copytree(local_dir, inner, dirs_exist_ok=True)
+        return
+    pafs.copy_files(local_dir, inner, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def download_dir(source: str, local_dir: str) -> str:
+    """Make ``source`` available as a local directory; local sources are used in place."""
+    fs, inner = filesystem(source)
+    if isinstance(fs, pafs.LocalFileSystem):
+        return inner
+    os.makedirs(local_dir, exist_ok=True)
+    pafs.copy_files(inner, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return local_dir

@@ -1,0 +1,113 @@
+"""Each worker's input pipeline: its Ray Data shard -> a tf.data.Dataset of augmented batches.
+
+Ray Data streams the worker's shard of the Parquet rows (block order re-randomised every epoch,
+plus a local shuffle buffer) and decodes the binary pixel column; tf.data then augments whole
+batches with vectorised ops and prefetches, so the model never waits on the input. Pixels stay
+uint8 until the model's first layer: a quarter of the bytes of float32 on the way to a GPU.
+
+Every worker must run the same number of steps, or the all-reduce of the shorter one hangs:
+Ray Train splits the dataset into equal shards and we drop each shard's last partial batch, so
+``steps_per_epoch = (rows // num_workers) // per_worker_batch_size`` on every worker.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+import tensorflow as tf
+
+from pipeline.config import TrainConfig
+from pipeline.data.manifest import images_from_column
+
+
+def steps_per_epoch(rows: int, num_workers: int, per_worker_batch_size: int, drop_remainder: bool) -> int:
+    rows_per_worker = rows // num_workers  # Ray's equal split drops the remainder rows
+    if drop_remainder:
+        return rows_per_worker // per_worker_batch_size
+    return -(-rows_per_worker // per_worker_batch_size)
+
+
+def shard_to_dataset(shard, *, image_size: int, num_classes: int, batch_size: int, steps: int,
+                     shuffle_buffer_size: int = 0, drop_remainder: bool = True) -> tf.data.Dataset:
+    """One epoch of the shard as a tf.data.Dataset of exactly ``steps`` (uint8 images, one-hot
+    labels) batches. Build a new one every epoch: each is a new Ray Data epoch (a new shuffle).
+
+    Deliberately finite (no ``repeat``): a repeated dataset's prefetch would open the next Ray
+    epoch while another worker still reads the current one, and the streaming split's epoch
+    barrier then deadlocks against the all-reduce of the checkpoint or the next step."""
+
+    def generate():
+        produced, held = 0, None
+        # The last batch is held back until Ray's iterator is exhausted, so that a consumer that
+        # takes exactly ``steps`` batches and stops (Keras' validation) never leaves a Ray epoch
+        # half-read: the streaming split moves to the next epoch together on every worker.
+        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_remainder,
+                                        local_shuffle_buffer_size=shuffle_buffer_size or None, prefetch_batches=2):
+            if produced == steps:
+                continue  # a surplus batch (unequal shards): drain, never abandon, the iterator
+            produced += 1
+            if held is not None:
+                yield held
+            held = (images_from_column(batch["image"], image_size), batch["label"].astype(np.int32))
+        if produced < steps:
+            raise RuntimeError(f"the data shard gave {produced} batches, expected {steps}: the workers' "
+                               "shards are unequal, which would hang the all-reduce")
+        if held is not None:
+            yield held
+
+    dataset = tf.data.Dataset.from_generator(generate, output_signature=(
+        tf.TensorSpec((None, image_size, image_size, 3), tf.uint8), tf.TensorSpec((None,), tf.int32)))
+    dataset = dataset.map(lambda images, labels: (images, tf.one_hot(labels, num_classes)))
+    options = tf.data.Options()
+    # Ray already gave this worker its own rows: tf.distribute must not shard them again.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return dataset.with_options(options)
+
+
+def augment(dataset: tf.data.Dataset, train: TrainConfig, fill_value) -> tf.data.Dataset:
+    """Random crop with zero padding, horizontal flip and cutout, on whole uint8 batches."""
+    if not (train.random_crop_padding or train.horizontal_flip or train.cutout):
+        return dataset
+    fill = tf.constant(np.round(fill_value).astype(np.uint8))
+
+    def apply(images, labels):
+        if train.random_crop_padding:
+            images = random_crop(images, train.random_crop_padding)
+        if train.horizontal_flip:
+            flip = tf.random.uniform([tf.shape(images)[0], 1, 1, 1]) < 0.5
+            images = tf.where(flip, tf.reverse(images, axis=[2]), images)
+        if train.cutout:
+            images = cutout(images, train.cutout, fill)
+        return images, labels
+
+    return dataset.map(apply, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def random_crop(images, padding: int):
+    """Pad every image by ``padding`` zeros and cut a random window of the original size back out
+    (per image offsets, vectorised with two gathers instead of a per-example map)."""
+    count, height, width = tf.shape(images)[0], tf.shape(images)[1], tf.shape(images)[2]
+    padded = tf.pad(images, [[0, 0], [padding, padding], [padding, padding], [0, 0]])
+    top = tf.random.uniform([count, 1], 0, 2 * padding + 1, dtype=tf.int32)
+    left = tf.random.uniform([count, 1], 0, 2 * padding + 1, dtype=tf.int32)
+    rows = top + tf.range(height)[tf.newaxis, :]
+    columns = left + tf.range(width)[tf.newaxis, :]
+    cropped = tf.gather(padded, rows, axis=1, batch_dims=1)
+    return tf.gather(cropped, columns, axis=2, batch_dims=1)
+
+
+def cutout(images, size: int, fill):
+    """Replace one random ``size`` x ``size`` square per image (centre anywhere, clipped at the
+    border) with the dataset's mean colour, i.e. zero after the model's normalisation."""
+    count, height, width = tf.shape(images)[0], tf.shape(images)[1], tf.shape(images)[2]
+    centre_row = tf.random.uniform([count, 1, 1], 0, height, dtype=tf.int32)
+    centre_column = tf.random.uniform([count, 1, 1], 0, width, dtype=tf.int32)
+    rows = tf.range(height)[tf.newaxis, :, tf.newaxis]
+    columns = tf.range(width)[tf.newaxis, tf.newaxis, :]
+    inside = ((tf.abs(rows - centre_row) * 2 < size) & (tf.abs(columns - centre_column) * 2 < size))[..., tf.newaxis]
+    return tf.where(inside, tf.broadcast_to(fill, tf.shape(images)), images)
+
+
+def prefetch(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    return dataset.prefetch(tf.data.AUTOTUNE)

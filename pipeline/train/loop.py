@@ -1,0 +1,240 @@
+"""``train_loop_per_worker``: what every Ray Train worker runs.
+
+One worker = one TensorFlow replica under ``MultiWorkerMirroredStrategy`` (Ray Train sets
+``TF_CONFIG``). Each worker streams its own Ray Data shard, Keras ``fit`` all-reduces the
+gradients, and every worker reports each epoch's metrics to Ray Train; rank 0 attaches the
+checkpoint. On a restart (same run name, or a worker failure) the loop resumes from
+``ray.train.get_checkpoint()``: weights, optimizer slots, step counter (hence the schedule
+position), epoch counter and the metric history.
+
+After the last epoch rank 0 alone copies the weights into a plain float32 model, evaluates
+that exact model on the test split and exports it, so the reported test accuracy is the
+accuracy of the file users serve.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+import ray.train
+import tensorflow as tf
+import tf_keras as keras
+
+from pipeline import storage
+from pipeline.config import batch_sizes, from_dict, scaled_learning_rate
+from pipeline.models.resnet import build_model
+from pipeline.models.saving import model_metadata, restore_checkpoint, save_export, write_checkpoint
+from pipeline.train import inputs
+from pipeline.train.schedules import schedule_from_config
+
+PRECISION_POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+COLLECTIVES = {
+    "auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
+    "ring": tf.distribute.experimental.CommunicationImplementation.RING,
+    "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL,
+}
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    config = from_dict(loop_config["config"])
+    dataset_info = loop_config["dataset"]  # class names, normalisation, rows per split
+    run_dir = loop_config["run_dir"]
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+
+    # Several workers on one node would each start a full-size thread pool and thrash the cores.
+    threads = max(1, (os.cpu_count() or 1) // context.get_local_world_size())
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    if config.train.seed is not None:
+        keras.utils.set_random_seed(config.train.seed)  # same initial weights on every worker
+
+    keras.mixed_precision.set_global_policy(PRECISION_POLICIES[config.train.precision])
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(
+        communication_options=tf.distribute.experimental.CommunicationOptions(
+            implementation=COLLECTIVES[config.scaling.collective]))
+
+    per_worker_batch, global_batch = batch_sizes(config)
+    num_classes, image_size = len(dataset_info["class_names"]), dataset_info["image_size"]
+    train_steps = inputs.steps_per_epoch(dataset_info["rows"]["train"], world_size, per_worker_batch, True)
+    if train_steps == 0:
+        raise ValueError(f"the train split ({dataset_info['rows']['train']} rows) is smaller than one global "
+                         f"batch ({global_batch}); lower train.global_batch_size")
+    # Augmentation randomness differs per worker (each sees other images anyway).
+    tf.random.set_seed((config.train.seed or 0) * 1000 + rank + 1)
+
+    def train_dataset_fn(_):
+        dataset = inputs.shard_to_dataset(
+            ray.train.get_dataset_shard("train"), image_size=image_size, num_classes=num_classes,
+            batch_size=per_worker_batch, steps=train_steps, shuffle_buffer_size=config.train.shuffle_buffer_size)
+        return inputs.prefetch(inputs.augment(dataset, config.train, dataset_info["mean"] or [0, 0, 0]))
+
+    val_dataset_fn, validation_steps = None, None
+    if dataset_info["rows"].get("val"):
+        validation_steps = inputs.steps_per_epoch(dataset_info["rows"]["val"], world_size, per_worker_batch, False)
+
+        def val_dataset_fn(_):
+            return inputs.prefetch(inputs.shard_to_dataset(
+                ray.train.get_dataset_shard("val"), image_size=image_size, num_classes=num_classes,
+                batch_size=per_worker_batch, steps=validation_steps, drop_remainder=False))
+
+
+    with strategy.scope():
+        model = build_model(config.model, num_classes=num_classes, image_size=image_size,
+                            mean=dataset_info["mean"], std=dataset_info["std"])
+        optimizer = make_optimizer(config, train_steps)
+        model.compile(optimizer=optimizer, loss=keras.losses.CategoricalCrossentropy(
+                          label_smoothing=config.train.label_smoothing),
+                      metrics=metrics(num_classes))
+        optimizer.build(model.trainable_variables)  # slots exist before a restore fills them
+
+    initial_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = restore_checkpoint(directory, model=model, optimizer=optimizer)
+        initial_epoch, history = state["epoch"], state["history"]
+        print(f"[rank {rank}] resumed from {checkpoint.path} at epoch {initial_epoch}/{config.train.epochs}")
+
+    metadata = model_metadata(kind="checkpoint", class_names=dataset_info["class_names"], image_size=image_size,
+                              config=loop_config["config"], mean=dataset_info["mean"], std=dataset_info["std"])
+    callbacks = [ReportToRayTrain(config=config, metadata=metadata, history=history, run_dir=run_dir,
+                                  rank=rank, images_per_epoch=train_steps * global_batch)]
+    if rank == 0:
+        callbacks.append(TensorBoardToStorage(storage.join(run_dir, "tensorboard")))
+    for epoch in range(initial_epoch, config.train.epochs):
+        # Fresh, finite datasets per epoch (see inputs.shard_to_dataset); Keras keeps its traced
+        # train step across these calls, the optimizer keeps its step counter.
+        validation = strategy.distribute_datasets_from_function(val_dataset_fn) if val_dataset_fn else None
+        model.fit(strategy.distribute_datasets_from_function(train_dataset_fn), initial_epoch=epoch,
+                  epochs=epoch + 1, steps_per_epoch=train_steps, validation_data=validation,
+                  validation_steps=validation_steps, callbacks=callbacks, verbose=2 if rank == 0 else 0)
+
+    # Every worker reads the weights: BatchNorm's moving statistics are on-read-synchronised
+    # variables, so reading them is an all-reduce that a lone rank 0 would wait on forever.
+    weights = model.get_weights()
+    if rank == 0:
+        finish(weights, config, dataset_info, metadata, run_dir)
+
+
+def make_optimizer(config, steps_per_epoch: int):
+    train = config.train
+    schedule = schedule_from_config(train, scaled_learning_rate(config), steps_per_epoch)
+    optimizer = keras.optimizers.SGD(learning_rate=schedule, momentum=train.momentum, nesterov=train.nesterov,
+                                     weight_decay=train.weight_decay or None)
+    if train.weight_decay:
+        # Decaying BatchNorm scales/offsets and biases only fights the normalisation; standard practice.
+        optimizer.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
+    if train.precision == "fp16":
+        # float16 gradients underflow without a dynamic loss scale; bfloat16 has float32's range.
+        optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def metrics(num_classes: int) -> list:
+    return [keras.metrics.CategoricalAccuracy(name="accuracy"),
+            keras.metrics.TopKCategoricalAccuracy(k=min(5, num_classes), name="top5_accuracy")]
+
+
+def current_learning_rate(optimizer) -> float:
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    rate = inner.learning_rate
+    if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+        rate = rate(inner.iterations)
+    return float(rate.numpy() if hasattr(rate, "numpy") else rate)
+
+
+class ReportToRayTrain(keras.callbacks.Callback):
+    """Reports every epoch's metrics to Ray Train, with a checkpoint every N epochs.
+
+    Ray's own ``ReportCheckpointCallback`` subclasses Keras 3's callback and breaks inside a
+    tf-keras ``fit``; this one also carries the history and epoch counter inside the checkpoint.
+    """
+
+    def __init__(self, *, config, metadata, history, run_dir, rank, images_per_epoch):
+        super().__init__()
+        self.config, self.metadata, self.history, self.run_dir = config, metadata, history, run_dir
+        self.rank, self.images_per_epoch = rank, images_per_epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_start, self.train_seconds = time.perf_counter(), None
+
+    def on_test_begin(self, logs=None):
+        if self.train_seconds is None:  # validation inside fit starts: training part of the epoch ends
+            self.train_seconds = time.perf_counter() - self.epoch_start
+
+    def on_epoch_end(self, epoch, logs=None):
+        train_seconds = self.train_seconds or (time.perf_counter() - self.epoch_start)
+        row = {"epoch": epoch + 1, **{key: float(value) for key, value in (logs or {}).items()},
+               "lr": current_learning_rate(self.model.optimizer),
+               "train_seconds": round(train_seconds, 3),
+               "epoch_seconds": round(time.perf_counter() - self.epoch_start, 3),
+               "images_per_second": round(self.images_per_epoch / train_seconds, 2)}
+        self.history.append(row)
+        last = epoch + 1 == self.config.train.epochs
+        if self.rank == 0:
+            write_history(self.history, self.run_dir)
+        if not (last or (epoch + 1) % self.config.train.checkpoint_every_epochs == 0):
+            ray.train.report(row)
+            return
+        with tempfile.TemporaryDirectory(prefix="checkpoint-") as directory:
+            # Every worker writes (a MirroredStrategy save may involve all replicas); only rank 0's
+            # copy is handed to Ray Train, which uploads it to the run's storage before returning.
+            write_checkpoint(directory, model=self.model, optimizer=self.model.optimizer,
+                             state={"epoch": epoch + 1, "history": self.history}, metadata=self.metadata)
+            checkpoint = ray.train.Checkpoint.from_directory(directory) if self.rank == 0 else None
+            ray.train.report(row, checkpoint=checkpoint)
+
+
+class TensorBoardToStorage(keras.callbacks.TensorBoard):
+    """Keras' TensorBoard logs, written locally and copied to the run's storage (maybe s3://)
+    after every epoch, since TensorFlow itself no longer writes to object stores."""
+
+    def __init__(self, target: str):
+        self.local = tempfile.mkdtemp(prefix="tensorboard-")
+        self.target = target
+        super().__init__(log_dir=self.local, write_graph=False, profile_batch=0)
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        for writer in self._writers.values():
+            writer.flush()
+        storage.upload_dir(self.local, self.target)
+
+
+def write_history(history: list[dict], run_dir: str) -> None:
+    storage.write_json(storage.join(run_dir, "history.json"), history)
+    columns = list(dict.fromkeys(key for row in history for key in row))
+    lines = [",".join(columns)] + [",".join(str(row.get(key, "")) for key in columns) for row in history]
+    storage.write_text(storage.join(run_dir, "history.csv"), "\n".join(lines) + "\n")
+
+
+def finish(weights, config, dataset_info, metadata, run_dir) -> None:
+    """Rank 0, after training: float32 copy -> test evaluation -> export -> evaluation.json."""
+    keras.mixed_precision.set_global_policy("float32")
+    serving_model = build_model(config.model, num_classes=len(dataset_info["class_names"]),
+                                image_size=dataset_info["image_size"], mean=dataset_info["mean"],
+                                std=dataset_info["std"])
+    serving_model.set_weights(weights)
+    serving_model.compile(loss=keras.losses.CategoricalCrossentropy(), metrics=metrics(len(dataset_info["class_names"])))
+
+    split = "test" if dataset_info["rows"].get("test") else "val"
+    evaluation = {"split": split}
+    if dataset_info["rows"].get(split):
+        rows = dataset_info["rows"][split]
+        per_worker_batch, _ = batch_sizes(config)
+        # Unsplit dataset (see run.py): rank 0 reads every row of it, nothing is dropped.
+        dataset = inputs.prefetch(inputs.shard_to_dataset(
+            ray.train.get_dataset_shard(f"{split}_full"), image_size=dataset_info["image_size"],
+            num_classes=len(dataset_info["class_names"]), batch_size=per_worker_batch,
+            steps=inputs.steps_per_epoch(rows, 1, per_worker_batch, False), drop_remainder=False))
+        steps = inputs.steps_per_epoch(rows, 1, per_worker_batch, False)
+        started = time.perf_counter()
+        results = serving_model.evaluate(dataset, steps=steps, return_dict=True, verbose=0)
+        evaluation.update({key: float(value) for key, value in results.items()})
+        evaluation.update({"rows": rows, "seconds": round(time.perf_counter() - started, 3)})
+    export_dir = save_export(serving_model, {**metadata, "evaluation": evaluation}, storage.join(run_dir, "export"))
+    evaluation["export"] = export_dir
+    storage.write_json(storage.join(run_dir, "evaluation.json"), evaluation)

@@ -1,0 +1,116 @@
+"""``run_training``: the driver side of training, from a config to a finished, summarised run.
+
+config -> preprocessed data (built first if missing) -> ``TensorflowTrainer`` with the worker loop
+-> checkpoints and history in ``<storage_path>/<run name>/`` -> export, summary.json and plots.
+
+A run folder holds: ``config.yaml`` (the resolved config), ``history.json``/``.csv`` (per epoch),
+``checkpoint_*/`` (Ray Train: the best by val_accuracy and the latest), ``tensorboard/``,
+``export/`` (the serving model), ``evaluation.json`` (test metrics), ``plots/`` and
+``summary.json``, written last. Running again with the same name resumes from the latest
+checkpoint; a finished run is not trained again, only evaluated and exported again.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pipeline  # noqa: F401
+import ray.train
+from ray.train.tensorflow import TensorflowTrainer
+
+from pipeline import reports, storage
+from pipeline.config import Config, batch_sizes, scaled_learning_rate, to_dict, to_yaml
+from pipeline.data.manifest import images_from_column
+from pipeline.data.preprocess import ensure_preprocessed
+from pipeline.train.loop import train_loop_per_worker
+
+
+def run_name(config: Config) -> str:
+    return config.run.name or config.recipe
+
+
+def run_training(config: Config) -> dict:
+    """Train as configured; returns the run summary (also written to ``summary.json``)."""
+    manifest = ensure_preprocessed(config)
+    storage_path = storage.absolute(config.run.storage_path)
+    name = run_name(config)
+    run_dir = storage.join(storage_path, name)
+    storage.makedirs(run_dir)
+    storage.delete(storage.join(run_dir, "summary.json"))  # the run is not complete until rewritten
+    storage.write_text(storage.join(run_dir, "config.yaml"), to_yaml(config))
+    per_worker_batch, global_batch = batch_sizes(config)
+    print(f"training run '{name}' in {run_dir}: {config.model.name}, {config.train.epochs} epochs, "
+          f"{config.scaling.num_workers} worker(s) x {per_worker_batch} = global batch {global_batch}, "
+          f"lr {scaled_learning_rate(config):g} ({config.train.lr_schedule}), precision {config.train.precision}")
+
+    datasets = {"train": manifest.read_split("train").randomize_block_order()}
+    for split in ("val", "test"):
+        if manifest.has_split(split):
+            datasets[split] = manifest.read_split(split)
+    final_split = "test" if manifest.has_split("test") else "val"
+    if final_split in datasets:
+        datasets[f"{final_split}_full"] = datasets[final_split]
+    has_val = "val" in datasets
+    dataset_info = {
+        "class_names": manifest.class_names, "image_size": manifest.image_size,
+        "mean": manifest.mean, "std": manifest.std,
+        "rows": {split: manifest.rows(split) for split in ("train", "val", "test") if manifest.has_split(split)},
+    }
+
+    scaling = config.scaling
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker
+    trainer = TensorflowTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": to_dict(config), "dataset": dataset_info, "run_dir": run_dir},
+        scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                               resources_per_worker=resources),
+        datasets=datasets,
+        # train and val are split across workers; "<split>_full" is read whole by rank 0 at the end.
+        dataset_config=ray.train.DataConfig(datasets_to_split=[s for s in ("train", "val") if s in datasets]),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=config.train.checkpoints_to_keep,
+                checkpoint_score_attribute="val_accuracy" if has_val else "accuracy",
+                checkpoint_score_order="max"),
+            failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures)),
+    )
+    started = time.perf_counter()
+    result = trainer.fit()
+    wall_seconds = time.perf_counter() - started
+    return summarise(config, manifest, run_dir, result, wall_seconds)
+
+
+def summarise(config: Config, manifest, run_dir: str, result, wall_seconds: float) -> dict:
+    history = storage.read_json(storage.join(run_dir, "history.json"))
+    evaluation = storage.read_json(storage.join(run_dir, "evaluation.json"))
+    plots_dir = storage.join(run_dir, "plots")
+    plots = reports.plot_history(_columns(history), plots_dir)
+    sample = manifest.read_split("train").limit(25).to_pandas()
+    grid = storage.join(plots_dir, "train_images.png")
+    reports.plot_image_grid(images_from_column(sample["image"].to_numpy(), manifest.image_size),
+                            sample["label"].to_numpy(), manifest.class_names, grid)
+    last = history[-1] if history else {}
+    speeds = [row["images_per_second"] for row in history]
+    summary = {
+        "run": run_name(config), "run_dir": run_dir, "recipe": config.recipe,
+        "epochs": len(history), "final": {k: v for k, v in last.items() if k.startswith(("loss", "accuracy",
+                                                                                          "top5", "val_"))},
+        "best_val_accuracy": max((row.get("val_accuracy", 0.0) for row in history), default=None),
+        "evaluation": evaluation,
+        "wall_seconds": round(wall_seconds, 1),
+        "train_images_per_second": round(sorted(speeds)[len(speeds) // 2], 1) if speeds else None,
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "export": evaluation.get("export"),
+        "plots": plots + [grid],
+        "config": to_dict(config),
+    }
+    storage.write_json(storage.join(run_dir, "summary.json"), summary)
+    return summary
+
+
+def _columns(history: list[dict]) -> dict[str, list[float]]:
+    keys = list(dict.fromkeys(key for row in history for key in row))
+    return {key: [row.get(key) for row in history] for key in keys}

@@ -1,0 +1,78 @@
+import pytest
+
+from pipeline.config import (Config, ConfigError, batch_sizes, fingerprint, load_config, scaled_learning_rate,
+                             to_dict, from_dict)
+
+RECIPES = ["configs/seed.yaml", "configs/fast.yaml", "configs/smoke.yaml"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipes_load_and_round_trip(recipe):
+    config = load_config(recipe)
+    assert from_dict(to_dict(config)) == config
+
+
+def test_seed_recipe_is_the_original():
+    config = load_config("configs/seed.yaml")
+    assert (config.model.name, config.model.stem, config.model.width) == ("resnet18", "cifar", 64)
+    assert config.model.use_bias and config.model.normalization == "scale"
+    train = config.train
+    assert (train.epochs, train.global_batch_size, train.learning_rate, train.momentum) == (100, 100, 0.005, 0.9)
+    assert (train.lr_schedule, train.weight_decay, train.label_smoothing, train.precision) == ("constant", 0, 0, "fp32")
+    assert not (train.random_crop_padding or train.horizontal_flip or train.cutout)
+    assert (config.data.val_fraction, config.data.split_method) == (0.1, "tail")
+    assert scaled_learning_rate(config) == 0.005
+
+
+def test_overrides_parse_yaml_values():
+    config = load_config("configs/fast.yaml", ["train.epochs=3", "train.step_epochs=[1, 2]", "run.name=x",
+                                               "train.seed=null", "train.learning_rate=1"])
+    assert (config.train.epochs, config.train.step_epochs, config.run.name) == (3, [1, 2], "x")
+    assert config.train.seed is None and config.train.learning_rate == 1.0
+    assert config.recipe == "fast"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epoch=5", "did you mean 'train.epochs'"),
+    ("trian.epochs=5", "did you mean 'train'"),
+    ("train.epochs=five", "must be an integer"),
+    ("train.epochs=0", "must be >= 1"),
+    ("train.learning_rate=0", "must be > 0"),
+    ("train.horizontal_flip=1", "true or false"),
+    ("train.precision=bf61", "did you mean 'bf16'"),
+    ("data.val_fraction=0.95", "<= 0.9"),
+    ("train.epochs", "section.key=value"),
+    ("scaling.collective=nccl", "needs scaling.use_gpu"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config("configs/fast.yaml", [override])
+
+
+def test_unknown_key_in_file(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("train:\n  epocs: 3\n")
+    with pytest.raises(ConfigError, match="did you mean 'train.epochs'"):
+        load_config(str(recipe))
+
+
+def test_batch_sizes_and_linear_scaling_rule():
+    config = load_config("configs/fast.yaml", ["scaling.num_workers=4"])
+    assert batch_sizes(config) == (64, 256)
+    assert scaled_learning_rate(config) == pytest.approx(0.2)
+    config = load_config("configs/fast.yaml", ["train.global_batch_size=null", "train.per_worker_batch_size=128",
+                                               "scaling.num_workers=4"])
+    assert batch_sizes(config) == (128, 512)
+    assert scaled_learning_rate(config) == pytest.approx(0.4)  # 0.2 per 256 examples, x 512/256
+    with pytest.raises(ConfigError, match="not divisible"):
+        load_config("configs/fast.yaml", ["scaling.num_workers=3"])
+    with pytest.raises(ConfigError, match="exactly one"):
+        load_config("configs/fast.yaml", ["train.per_worker_batch_size=8"])
+
+
+def test_fingerprint_is_stable_and_sensitive():
+    a = to_dict(Config())
+    b = to_dict(Config())
+    assert fingerprint(a) == fingerprint(b)
+    b["train"]["epochs"] = 7
+    assert fingerprint(a) != fingerprint(b)

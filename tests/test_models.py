@@ -1,0 +1,130 @@
+"""The ResNet family: every variant runs, the seed network matches the original's counts exactly."""
+
+import numpy as np
+import pytest
+
+import pipeline  # noqa: F401  (must precede TensorFlow: selects tf-keras)
+import tf_keras as keras
+
+from pipeline.config import ModelConfig
+from pipeline.models import VARIANTS, build_model, minimum_image_size, parameter_counts
+
+# CIFAR-10 train-split statistics in 0-255 units (any plausible values do for these tests).
+CIFAR10_MEAN = [125.3, 123.0, 113.9]
+CIFAR10_STD = [63.0, 62.1, 66.7]
+
+
+@pytest.fixture(autouse=True)
+def fresh_keras_state():
+    """Every test starts and ends with the float32 policy and an empty Keras graph."""
+    keras.backend.clear_session()
+    keras.mixed_precision.set_global_policy("float32")
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+    keras.backend.clear_session()
+
+
+def random_pixels(count: int, image_size: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(0, 255, (count, image_size, image_size, 3)).astype("float32")
+
+
+# Each variant is built twice rather than four times (stem x policy) to keep the suite fast on
+# 2 CPUs: the stem does not interact with the precision policy, so pairing them covers both.
+@pytest.mark.parametrize("stem, policy", [("cifar", "float32"), ("imagenet", "mixed_bfloat16")])
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_every_variant_predicts_float32_probabilities(name, stem, policy):
+    config = ModelConfig(name=name, stem=stem, width=8, use_bias=False, normalization="standardize")
+    image_size = 32
+    assert image_size >= minimum_image_size(config)
+    keras.mixed_precision.set_global_policy(policy)
+
+    model = build_model(config, num_classes=10, image_size=image_size, mean=CIFAR10_MEAN, std=CIFAR10_STD)
+    probabilities = model(random_pixels(2, image_size), training=False)
+
+    assert probabilities.shape == (2, 10)
+    assert probabilities.dtype == "float32"
+    probabilities = probabilities.numpy()
+    assert not np.isnan(probabilities).any()
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    if policy != "float32":
+        # The policy really applied: the convolutions compute in bfloat16.
+        assert model.get_layer("stem_conv").compute_dtype == "bfloat16"
+
+
+def test_seed_resnet18_matches_the_original_parameter_counts():
+    seed = ModelConfig(name="resnet18", stem="cifar", width=64, use_bias=True, normalization="scale")
+    counts = parameter_counts(build_model(seed, num_classes=10, image_size=32))
+    assert counts == {
+        "total": 11_184_778,
+        "trainable": 11_176_970,
+        "non_trainable": 7_808,
+        "stem_conv": 1_792,
+        "stem_bn": 256,
+        "stage1": 148_736,
+        "stage2": 526_976,
+        "stage3": 2_102_528,
+        "stage4": 8_399_360,
+        "classifier": 5_130,
+    }
+
+    # Standardisation keeps its statistics in the layer config, not in weights: same counts.
+    standardized = ModelConfig(name="resnet18", stem="cifar", width=64, use_bias=True, normalization="standardize")
+    model = build_model(standardized, num_classes=10, image_size=32, mean=CIFAR10_MEAN, std=CIFAR10_STD)
+    assert parameter_counts(model) == counts
+
+
+def test_standard_resnet50_has_the_canonical_parameter_count():
+    config = ModelConfig(name="resnet50", stem="imagenet", width=64, use_bias=False, normalization="scale")
+    counts = parameter_counts(build_model(config, num_classes=1000, image_size=224))
+    # 25,557,032 is the canonical count (torchvision, timm, the paper's ~25.6M). They count
+    # trainable parameters only; Keras also counts BatchNorm's moving mean and variance (two
+    # per channel over 53 BN layers, 26,560 channels), which PyTorch keeps as buffers.
+    assert counts["trainable"] == 25_557_032
+    assert counts["non_trainable"] == 53_120
+    assert counts["total"] == 25_557_032 + 53_120
+
+
+def test_saved_model_reloads_without_custom_objects_and_predicts_identically(tmp_path):
+    config = ModelConfig(name="resnet18", stem="cifar", width=8, use_bias=False, normalization="standardize")
+    model = build_model(config, num_classes=10, image_size=32, mean=CIFAR10_MEAN, std=CIFAR10_STD)
+    pixels = random_pixels(4, 32)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+
+    reloaded = keras.models.load_model(path)
+
+    np.testing.assert_array_equal(reloaded.predict(pixels, verbose=0), model.predict(pixels, verbose=0))
+    standardize = reloaded.get_layer("standardize").get_config()
+    np.testing.assert_allclose(np.ravel(standardize["mean"]), CIFAR10_MEAN)
+    np.testing.assert_allclose(np.ravel(standardize["variance"]), np.square(CIFAR10_STD))
+
+
+def test_standardize_subtracts_mean_and_divides_by_std():
+    config = ModelConfig(name="resnet18", stem="cifar", width=8, normalization="standardize")
+    model = build_model(config, num_classes=10, image_size=32, mean=CIFAR10_MEAN, std=CIFAR10_STD)
+    pixels = random_pixels(1, 32)
+    normalized = model.get_layer("standardize")(pixels).numpy()
+    expected = (pixels - np.array(CIFAR10_MEAN)) / np.array(CIFAR10_STD)
+    np.testing.assert_allclose(normalized, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_variant_names_the_closest_valid_one():
+    with pytest.raises(ValueError, match="unknown model 'resnet19'.*did you mean 'resnet18'") as error:
+        build_model(ModelConfig(name="resnet19", normalization="scale"), num_classes=10, image_size=32)
+    for valid in VARIANTS:
+        assert valid in str(error.value)
+
+
+def test_standardize_without_statistics_is_refused():
+    with pytest.raises(ValueError, match="needs the per-channel mean and std"):
+        build_model(ModelConfig(name="resnet18", normalization="standardize"), num_classes=10, image_size=32)
+    with pytest.raises(ValueError, match="one value per RGB channel"):
+        build_model(ModelConfig(name="resnet18", normalization="standardize"), num_classes=10, image_size=32,
+                    mean=[0.5, 0.5], std=[1.0, 1.0])
+
+
+@pytest.mark.parametrize("stem, image_size", [("cifar", 4), ("imagenet", 16)])
+def test_image_too_small_for_the_network_is_refused(stem, image_size):
+    config = ModelConfig(name="resnet18", stem=stem, width=8, normalization="scale")
+    with pytest.raises(ValueError, match="image_size=.* is too small"):
+        build_model(config, num_classes=10, image_size=image_size)

@@ -1,0 +1,148 @@
+"""Training on a real local Ray: 1 and 2 workers, checkpoints, resume, export, and the CLI."""
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+import pytest
+import ray
+
+import pipeline  # noqa: F401
+from pipeline import runtime, storage
+from pipeline.config import load_config
+from pipeline.data.manifest import images_from_column, open_manifest
+from pipeline.models.saving import load_model
+from pipeline.train.run import run_training
+from synthetic_data import make_image_folder
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return make_image_folder(str(tmp_path_factory.mktemp("images")), classes=4, per_class=40, test_per_class=8)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    runtime.connect(num_cpus=4)
+    yield
+    ray.shutdown()
+
+
+def smoke_config(source, tmp_path, *overrides):
+    return load_config(os.path.join(REPO, "configs/smoke.yaml"), [
+        f"data.source={source}", f"data.output={tmp_path}/data", f"run.storage_path={tmp_path}/runs",
+        "train.epochs=3", "train.max_failures=0", *overrides])
+
+
+def checkpoints(run_dir):
+    return sorted(name for name in os.listdir(run_dir)
+                  if name.startswith("checkpoint_") and os.path.isdir(os.path.join(run_dir, name)))
+
+
+def test_one_worker_trains_checkpoints_and_exports(source, tmp_path, local_ray):
+    config = smoke_config(source, tmp_path, "run.name=one")
+    summary = run_training(config)
+    run_dir = summary["run_dir"]
+
+    history = storage.read_json(os.path.join(run_dir, "history.json"))
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    for key in ("loss", "accuracy", "top5_accuracy", "val_loss", "val_accuracy", "val_top5_accuracy", "lr",
+                "images_per_second"):
+        assert all(np.isfinite(row[key]) for row in history), key
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert history[-1]["val_accuracy"] > 0.5  # 4 easy classes: far above chance (0.25)
+
+    # The latest checkpoint is always kept, plus the best by val_accuracy (num_to_keep=1).
+    assert 1 <= len(checkpoints(run_dir)) <= 2
+    evaluation = summary["evaluation"]
+    assert evaluation["split"] == "test" and evaluation["rows"] == 32
+    assert 0 <= evaluation["accuracy"] <= 1
+    for name in ("config.yaml", "history.csv", "summary.json", "evaluation.json", "plots/loss.png",
+                 "plots/accuracy.png", "plots/top5_accuracy.png", "plots/train_images.png"):
+        assert os.path.getsize(os.path.join(run_dir, name)) > 0, name
+    assert os.listdir(os.path.join(run_dir, "tensorboard"))
+
+    # The export and the latest checkpoint hold the same weights and give the same predictions;
+    # the export takes raw 0-255 pixels (normalisation inside).
+    manifest = open_manifest(config.data.output)
+    rows = manifest.read_split("test").take(16)
+    images = images_from_column([row["image"] for row in rows], manifest.image_size).astype("float32")
+    exported, metadata = load_model(run_dir)
+    restored, _ = load_model(os.path.join(run_dir, checkpoints_by_epoch(run_dir)[-1]))
+    assert metadata["class_names"] == manifest.class_names
+    np.testing.assert_allclose(exported.predict(images, verbose=0), restored.predict(images, verbose=0), atol=1e-5)
+    accuracy = np.mean(exported.predict(images, verbose=0).argmax(1) == np.array([r["label"] for r in rows]))
+    assert accuracy > 0.5
+
+
+def checkpoints_by_epoch(run_dir):
+    epochs = {name: storage.read_json(os.path.join(run_dir, name, "state.json"))["epoch"]
+              for name in checkpoints(run_dir)}
+    return sorted(epochs, key=epochs.get)
+
+
+def test_two_workers_fp32_ring(source, tmp_path, local_ray):
+    config = smoke_config(source, tmp_path, "run.name=two", "scaling.num_workers=2", "train.precision=fp32",
+                          "scaling.collective=ring", "scaling.cpus_per_worker=1")
+    summary = run_training(config)
+    history = storage.read_json(os.path.join(summary["run_dir"], "history.json"))
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert summary["evaluation"]["rows"] == 32  # rank 0 evaluates every test row, none dropped by the split
+
+
+def test_fp16_loss_scaling_path_runs_on_cpu(source, tmp_path, local_ray):
+    # mixed_float16 + LossScaleOptimizer is the GPU path; it runs (slowly) on a CPU too.
+    config = smoke_config(source, tmp_path, "run.name=fp16", "train.precision=fp16", "train.epochs=1")
+    summary = run_training(config)
+    history = storage.read_json(os.path.join(summary["run_dir"], "history.json"))
+    assert np.isfinite(history[0]["loss"])
+
+
+def test_stopped_run_resumes_at_the_right_epoch(source, tmp_path):
+    """Kill a training job after its first checkpoint; the same command again continues from it
+    and ends with exactly the configured number of epochs."""
+    arguments = [sys.executable, os.path.join(REPO, "jobs/train.py"), "--config", os.path.join(REPO, "configs/smoke.yaml"),
+                 "--set", f"data.source={source}", "--set", f"data.output={tmp_path}/data",
+                 "--set", f"run.storage_path={tmp_path}/runs", "--set", "run.name=resume",
+                 "--set", "train.epochs=4", "--set", "train.precision=fp32"]
+    run_dir = os.path.join(tmp_path, "runs", "resume")
+    first = subprocess.Popen(arguments, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and first.poll() is None:
+        if os.path.isdir(run_dir) and checkpoints(run_dir):
+            break
+        time.sleep(0.5)
+    assert first.poll() is None, first.stdout.read().decode()[-3000:]
+    # Kill the whole job as a crash would: the driver and everything it started (its local Ray's
+    # raylet, GCS and workers). Never `ray stop`, which would also stop other tests' clusters.
+    job = psutil.Process(first.pid)
+    for process in [job, *job.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    first.wait()
+    done_before = storage.read_json(os.path.join(run_dir, "history.json"))
+    assert 1 <= len(done_before) < 4 and not os.path.exists(os.path.join(run_dir, "summary.json"))
+
+    second = subprocess.run(arguments, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resumed from" in second.stdout + second.stderr
+    history = storage.read_json(os.path.join(run_dir, "history.json"))
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4]
+    assert storage.read_json(os.path.join(run_dir, "summary.json"))["epochs"] == 4
+
+
+def test_cli_rejects_bad_config_before_work(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "jobs/train.py"), "--config",
+                             os.path.join(REPO, "configs/smoke.yaml"), "--set", "train.epoch=3"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "did you mean 'train.epochs'" in result.stderr and "Traceback" not in result.stderr
