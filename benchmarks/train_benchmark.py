@@ -51,6 +51,7 @@ def main():
     parser.add_argument("--source", required=True, help="CIFAR-10 archive or image folder")
     parser.add_argument("--work", default="/tmp/train-benchmark")
     parser.add_argument("--images-per-class", type=int, default=600, help="subset for the speed runs")
+    parser.add_argument("--baseline-images", type=int, default=3000, help="images the baseline script trains on")
     parser.add_argument("--full-epoch", action="store_true")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args()
@@ -59,7 +60,7 @@ def main():
 
     if not args.full_epoch:
         baseline_log = os.path.join(args.work, "baseline.log")
-        run([sys.executable, "benchmarks/seed_keras_baseline.py", "--images", "3000"], baseline_log)
+        run([sys.executable, "benchmarks/seed_keras_baseline.py", "--images", str(args.baseline_images)], baseline_log)
         baseline = json.loads(open(baseline_log).read().strip().splitlines()[-1])
         results["baseline"] = baseline
         subset = [f"data.max_images_per_class={args.images_per_class}", f"data.output={args.work}/data-subset",
@@ -72,9 +73,11 @@ def main():
                 results["runs"].append(outcome)
                 rows.append((f"pipeline seed recipe, {precision}, {workers} worker(s), batch 100",
                              outcome["history"][-1]["images_per_second"]))
-        outcome = train(args, "fast-bf16-1w", "fast", *subset, "train.warmup_epochs=0.5")
+        outcome = train(args, "fast-1w", "fast", *subset, "train.warmup_epochs=0.5")
         results["runs"].append(outcome)
-        rows.append(("pipeline fast recipe, bf16, 1 worker, batch 256", outcome["history"][-1]["images_per_second"]))
+        precision = outcome["history"][-1].get("precision", "auto")
+        rows.append((f"pipeline fast recipe, {precision}, 1 worker, batch 256",
+                     outcome["history"][-1]["images_per_second"]))
         print(f"\n{'configuration':60s} {'train images/s':>15s} {'x baseline':>11s}")
         for label, speed in rows:
             print(f"{label:60s} {speed:15.1f} {speed / baseline['images_per_second']:11.2f}")

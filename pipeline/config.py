@@ -113,8 +113,10 @@ class TrainConfig:
     horizontal_flip: bool = param(False, "augmentation: random left-right flip")
     cutout: int = param(0, "augmentation: zero one random square of this side (pixels; 0 = off)", min=0)
     precision: str = param(
-        "fp32", "fp32 | bf16 (mixed_bfloat16: AMX CPUs, A100+) | fp16 (mixed_float16 + loss scaling, GPUs)",
-        choices=["fp32", "bf16", "fp16"])
+        "fp32", "fp32 | bf16 (mixed_bfloat16: CPUs with AMX/AVX-512 bf16, A100+ GPUs) | fp16 "
+        "(mixed_float16 + loss scaling, older GPUs) | auto (each worker picks the fastest its device "
+        "runs well: bf16 or fp16 on GPUs by compute capability, bf16 on CPUs with bf16 units, else fp32)",
+        choices=["auto", "fp32", "bf16", "fp16"])
     shuffle_buffer_size: int = param(
         10000, "rows in each worker's local shuffle buffer, on top of a per-epoch block-order shuffle", min=0)
     checkpoint_every_epochs: int = param(1, "report a checkpoint every N epochs (and at the last)", min=1)

@@ -45,13 +45,23 @@ def train_loop_per_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
 
+    # Device placement: Ray gives each GPU worker its own CUDA_VISIBLE_DEVICES, and MWMS uses
+    # whatever GPUs the process sees. Memory growth (set before TensorFlow touches a GPU) lets
+    # fractional gpus_per_worker share a device instead of the first worker taking all its memory.
+    gpus = tf.config.list_physical_devices("GPU")
+    if config.scaling.use_gpu and not gpus:
+        raise RuntimeError(f"scaling.use_gpu=true but worker {rank} sees no GPU (CUDA_VISIBLE_DEVICES="
+                           f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); check the cluster's GPU nodes")
+    for gpu in gpus:
+        tf.config.experimental.set_memory_growth(gpu, True)
     # Several workers on one node would each start a full-size thread pool and thrash the cores.
     threads = max(1, (os.cpu_count() or 1) // context.get_local_world_size())
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     if config.train.seed is not None:
         keras.utils.set_random_seed(config.train.seed)  # same initial weights on every worker
 
-    keras.mixed_precision.set_global_policy(PRECISION_POLICIES[config.train.precision])
+    precision = resolve_precision(config.train.precision, gpus)
+    keras.mixed_precision.set_global_policy(PRECISION_POLICIES[precision])
     strategy = tf.distribute.MultiWorkerMirroredStrategy(
         communication_options=tf.distribute.experimental.CommunicationOptions(
             implementation=COLLECTIVES[config.scaling.collective]))
@@ -80,11 +90,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 ray.train.get_dataset_shard("val"), image_size=image_size, num_classes=num_classes,
                 batch_size=per_worker_batch, steps=validation_steps, drop_remainder=False))
 
-
     with strategy.scope():
         model = build_model(config.model, num_classes=num_classes, image_size=image_size,
                             mean=dataset_info["mean"], std=dataset_info["std"])
-        optimizer = make_optimizer(config, train_steps)
+        optimizer = make_optimizer(config, train_steps, precision)
         model.compile(optimizer=optimizer, loss=keras.losses.CategoricalCrossentropy(
                           label_smoothing=config.train.label_smoothing),
                       metrics=metrics(num_classes))
@@ -99,9 +108,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         print(f"[rank {rank}] resumed from {checkpoint.path} at epoch {initial_epoch}/{config.train.epochs}")
 
     metadata = model_metadata(kind="checkpoint", class_names=dataset_info["class_names"], image_size=image_size,
-                              config=loop_config["config"], mean=dataset_info["mean"], std=dataset_info["std"])
+                              config=loop_config["config"], mean=dataset_info["mean"], std=dataset_info["std"],
+                              precision=precision)
     callbacks = [ReportToRayTrain(config=config, metadata=metadata, history=history, run_dir=run_dir,
-                                  rank=rank, images_per_epoch=train_steps * global_batch)]
+                                  rank=rank, images_per_epoch=train_steps * global_batch, precision=precision)]
     if rank == 0:
         callbacks.append(TensorBoardToStorage(storage.join(run_dir, "tensorboard")))
     for epoch in range(initial_epoch, config.train.epochs):
@@ -119,7 +129,30 @@ def train_loop_per_worker(loop_config: dict) -> None:
         finish(weights, config, dataset_info, metadata, run_dir)
 
 
-def make_optimizer(config, steps_per_epoch: int):
+def resolve_precision(requested: str, gpus) -> str:
+    """``auto`` -> the mixed precision this worker's device runs fast; anything else as asked.
+
+    bfloat16 needs hardware support to pay off: on a CPU without AMX/AVX-512 bf16 units (e.g. AMD
+    Zen 3, older Xeons) TensorFlow emulates it and training gets several times slower than fp32.
+    """
+    if requested != "auto":
+        return requested
+    if gpus:
+        major, _ = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))
+        return "bf16" if major >= 8 else "fp16"  # Ampere+ has bf16 tensor cores; Volta/Turing fp16 only
+    return "bf16" if cpu_has_bf16_units() else "fp32"
+
+
+def cpu_has_bf16_units() -> bool:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    except OSError:  # not Linux: no cheap way to tell, fp32 is the safe choice
+        return False
+    return bool({"amx_bf16", "avx512_bf16"} & set(flags))
+
+
+def make_optimizer(config, steps_per_epoch: int, precision: str):
     train = config.train
     schedule = schedule_from_config(train, scaled_learning_rate(config), steps_per_epoch)
     optimizer = keras.optimizers.SGD(learning_rate=schedule, momentum=train.momentum, nesterov=train.nesterov,
@@ -127,7 +160,7 @@ def make_optimizer(config, steps_per_epoch: int):
     if train.weight_decay:
         # Decaying BatchNorm scales/offsets and biases only fights the normalisation; standard practice.
         optimizer.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
-    if train.precision == "fp16":
+    if precision == "fp16":
         # float16 gradients underflow without a dynamic loss scale; bfloat16 has float32's range.
         optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
     return optimizer
@@ -153,10 +186,10 @@ class ReportToRayTrain(keras.callbacks.Callback):
     tf-keras ``fit``; this one also carries the history and epoch counter inside the checkpoint.
     """
 
-    def __init__(self, *, config, metadata, history, run_dir, rank, images_per_epoch):
+    def __init__(self, *, config, metadata, history, run_dir, rank, images_per_epoch, precision):
         super().__init__()
         self.config, self.metadata, self.history, self.run_dir = config, metadata, history, run_dir
-        self.rank, self.images_per_epoch = rank, images_per_epoch
+        self.rank, self.images_per_epoch, self.precision = rank, images_per_epoch, precision
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch_start, self.train_seconds = time.perf_counter(), None
@@ -171,13 +204,14 @@ class ReportToRayTrain(keras.callbacks.Callback):
                "lr": current_learning_rate(self.model.optimizer),
                "train_seconds": round(train_seconds, 3),
                "epoch_seconds": round(time.perf_counter() - self.epoch_start, 3),
-               "images_per_second": round(self.images_per_epoch / train_seconds, 2)}
+               "images_per_second": round(self.images_per_epoch / train_seconds, 2),
+               "precision": self.precision}
         self.history.append(row)
         last = epoch + 1 == self.config.train.epochs
         if self.rank == 0:
             write_history(self.history, self.run_dir)
         if not (last or (epoch + 1) % self.config.train.checkpoint_every_epochs == 0):
-            ray.train.report(row)
+            ray.train.report(numeric(row))
             return
         with tempfile.TemporaryDirectory(prefix="checkpoint-") as directory:
             # Every worker writes (a MirroredStrategy save may involve all replicas); only rank 0's
@@ -185,7 +219,11 @@ class ReportToRayTrain(keras.callbacks.Callback):
             write_checkpoint(directory, model=self.model, optimizer=self.model.optimizer,
                              state={"epoch": epoch + 1, "history": self.history}, metadata=self.metadata)
             checkpoint = ray.train.Checkpoint.from_directory(directory) if self.rank == 0 else None
-            ray.train.report(row, checkpoint=checkpoint)
+            ray.train.report(numeric(row), checkpoint=checkpoint)
+
+
+def numeric(row: dict) -> dict:
+    return {key: value for key, value in row.items() if isinstance(value, (int, float))}
 
 
 class TensorBoardToStorage(keras.callbacks.TensorBoard):

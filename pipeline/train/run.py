@@ -36,6 +36,11 @@ def run_training(config: Config) -> dict:
     name = run_name(config)
     run_dir = storage.join(storage_path, name)
     storage.makedirs(run_dir)
+    if any(name.startswith("checkpoint_") for name in storage.list_dir(run_dir)):
+        history_path = storage.join(run_dir, "history.json")
+        done = len(storage.read_json(history_path)) if storage.exists(history_path) else 0
+        print(f"resuming run '{name}' from its latest checkpoint ({done} of {config.train.epochs} epochs "
+              f"recorded); use another run.name to start afresh")
     storage.delete(storage.join(run_dir, "summary.json"))  # the run is not complete until rewritten
     storage.write_text(storage.join(run_dir, "config.yaml"), to_yaml(config))
     per_worker_batch, global_batch = batch_sizes(config)
@@ -100,6 +105,7 @@ def summarise(config: Config, manifest, run_dir: str, result, wall_seconds: floa
                                                                                           "top5", "val_"))},
         "best_val_accuracy": max((row.get("val_accuracy", 0.0) for row in history), default=None),
         "evaluation": evaluation,
+        "precision": last.get("precision"),
         "wall_seconds": round(wall_seconds, 1),
         "train_images_per_second": round(sorted(speeds)[len(speeds) // 2], 1) if speeds else None,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
