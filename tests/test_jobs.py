@@ -4,9 +4,10 @@ recipe submitted with the repository as working directory, outputs checked, clus
 import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
-import sys
+import time
 
 import pytest
 
@@ -29,15 +30,27 @@ def head_node(tmp_path_factory):
     # through the environment, so the user's ~/.ray/auth_token is neither read nor written.
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env.pop("RAY_ADDRESS", None)
-    dashboard_port = free_port()
-    subprocess.run(["ray", "start", "--head", f"--port={free_port()}", "--num-cpus=4",
-                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-                    f"--temp-dir={temp}", "--disable-usage-stats"], env=env, check=True, capture_output=True,
-                   timeout=180)
+    address = f"http://127.0.0.1:{free_port()}"
+    # --block keeps `ray start` in the foreground and stops exactly the processes it started when
+    # terminated; `ray stop` would also stop every other Ray on the machine.
+    head = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=4",
+                             "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={address.rsplit(':', 1)[1]}", f"--temp-dir={temp}",
+                             "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        yield {"address": f"http://127.0.0.1:{dashboard_port}", "env": env}
+        deadline = time.time() + 180
+        while subprocess.run(["ray", "job", "list", "--address", address], env=env,
+                             capture_output=True, timeout=60).returncode != 0:
+            assert head.poll() is None and time.time() < deadline, "the Ray head node did not come up"
+            time.sleep(2)
+        yield {"address": address, "env": env}
     finally:
-        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
 
 
 def test_job_without_the_token_is_refused(head_node):
@@ -56,8 +69,12 @@ def test_submit_smoke_training_job(head_node, tmp_path):
         "--set", f"run.storage_path={tmp_path}/runs", "--set", "run.name=submitted",
         "--set", "train.max_failures=0",
     ]
-    result = subprocess.run(command, env=head_node["env"], capture_output=True, text=True, timeout=900)
-    output = result.stdout + result.stderr
+    for attempt in range(10):
+        result = subprocess.run(command, env=head_node["env"], capture_output=True, text=True, timeout=900)
+        output = result.stdout + result.stderr
+        if "No available agent to submit job" not in output:
+            break
+        time.sleep(3)  # the head's job agent starts a little after the dashboard answers
     assert result.returncode == 0, output[-4000:]
     assert "succeeded" in output
     run_dir = tmp_path / "runs" / "submitted"

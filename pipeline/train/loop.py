@@ -193,6 +193,21 @@ class ReportToRayTrain(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch_start, self.train_seconds = time.perf_counter(), None
+        self.first_batch_end, self.last_batch_end, self.batches = None, None, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        # Steady-state speed leaves out the epoch's first step (the input pipeline starting up,
+        # and graph tracing in the first epoch): on short epochs that start-up hides the speed.
+        self.last_batch_end = time.perf_counter()
+        self.batches += 1
+        if self.first_batch_end is None:
+            self.first_batch_end = self.last_batch_end
+
+    def steady_images_per_second(self):
+        if self.batches < 2 or self.last_batch_end <= self.first_batch_end:
+            return None
+        per_batch = self.images_per_epoch / self.batches
+        return round((self.batches - 1) * per_batch / (self.last_batch_end - self.first_batch_end), 2)
 
     def on_test_begin(self, logs=None):
         if self.train_seconds is None:  # validation inside fit starts: training part of the epoch ends
@@ -205,6 +220,7 @@ class ReportToRayTrain(keras.callbacks.Callback):
                "train_seconds": round(train_seconds, 3),
                "epoch_seconds": round(time.perf_counter() - self.epoch_start, 3),
                "images_per_second": round(self.images_per_epoch / train_seconds, 2),
+               "steady_images_per_second": self.steady_images_per_second(),
                "precision": self.precision}
         self.history.append(row)
         last = epoch + 1 == self.config.train.epochs
