@@ -36,7 +36,8 @@ def run_training(config: Config) -> dict:
     name = run_name(config)
     run_dir = storage.join(storage_path, name)
     storage.makedirs(run_dir)
-    if any(name.startswith("checkpoint_") for name in storage.list_dir(run_dir)):
+    # Ray Train V2 resumes from the checkpoints listed in this snapshot (its commit point).
+    if storage.exists(storage.join(run_dir, "checkpoint_manager_snapshot.json")):
         history_path = storage.join(run_dir, "history.json")
         done = len(storage.read_json(history_path)) if storage.exists(history_path) else 0
         print(f"resuming run '{name}' from its latest checkpoint ({done} of {config.train.epochs} epochs "
