@@ -1,7 +1,8 @@
 """Connecting to Ray: a local embedded instance on a laptop, or the cluster inside ``ray job submit``.
 
-The runtime environment is where ``TF_USE_LEGACY_KERAS=1`` reaches every worker process before it
-imports TensorFlow (see ``pipeline/__init__.py`` for why tf-keras). Ray merges these variables
+The runtime environment is where ``TF_USE_LEGACY_KERAS=1`` and the other TensorFlow settings of
+``pipeline.TENSORFLOW_ENV`` reach every worker process before it imports TensorFlow (see
+``pipeline/__init__.py`` for why tf-keras and oneDNN). Ray merges these variables
 with a submitted job's own ``runtime_env``; a variable the job already sets is left to the job.
 """
 
@@ -12,9 +13,10 @@ import os
 
 import ray
 
+from pipeline import TENSORFLOW_ENV
+
 WORKER_ENV_VARS = {
-    "TF_USE_LEGACY_KERAS": "1",
-    "TF_CPP_MIN_LOG_LEVEL": "1",
+    **TENSORFLOW_ENV,
     # Ray Train V2 is the default in current Ray; pin it so a cluster default cannot change the API.
     "RAY_TRAIN_V2_ENABLED": "1",
 }
