@@ -58,6 +58,7 @@ def main():
                         help="smaller subset for the bf16 runs (slow on CPUs without bf16 units); default: same")
     parser.add_argument("--baseline-images", type=int, default=3000, help="images the baseline script trains on")
     parser.add_argument("--full-epoch", action="store_true")
+    parser.add_argument("--recipes", default="fast,seed", help="--full-epoch: which recipes, in order")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args()
     os.makedirs(args.work, exist_ok=True)
@@ -99,8 +100,9 @@ def main():
             print(f"{label:60s} {speed:15.1f} {speed / baseline['images_per_second']:11.2f}")
     else:
         rows = []
-        for name, recipe, extra in (("fast-1-epoch", "fast", ["train.warmup_epochs=0.3"]),
-                                    ("seed-1-epoch", "seed", [])):
+        extras = {"fast": ["train.warmup_epochs=0.3"], "seed": []}
+        for recipe in args.recipes.split(","):
+            name, extra = f"{recipe}-1-epoch", extras.get(recipe, [])
             # Each recipe its own shards: the seed's Keras-style tail split differs from the fast one's.
             outcome = train(args, name, recipe, f"data.output={args.work}/data-full-{recipe}", "train.epochs=1",
                             *extra)

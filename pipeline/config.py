@@ -142,6 +142,9 @@ class ScalingConfig:
 class RunConfig:
     name: Optional[str] = param(None, "run name; re-using a name resumes that run (null: from the recipe)")
     storage_path: str = param("artifacts/runs", "where runs live (local or s3://, gs://; shared by all nodes)")
+    progress_seconds: float = param(
+        30.0, "print training progress (step, loss, accuracy, images/s, time left) this often; 0: per epoch only",
+        min=0.0)
 
 
 @dataclass

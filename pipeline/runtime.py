@@ -49,7 +49,9 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        # With the dashboard, as a Ray user expects: it also serves the State API, without which Ray
+        # Train's placement-group cleaner cannot watch its controller and warns every few seconds.
+        ray.init(num_cpus=num_cpus, include_dashboard=True, **kwargs)
 
 
 def local_cpus_for_training(config) -> int:

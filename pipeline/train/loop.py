@@ -114,6 +114,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                   rank=rank, images_per_epoch=train_steps * global_batch, precision=precision)]
     if rank == 0:
         callbacks.append(TensorBoardToStorage(storage.join(run_dir, "tensorboard")))
+        if config.run.progress_seconds:
+            callbacks.append(ProgressLog(config.train.epochs, train_steps, global_batch, config.run.progress_seconds))
     for epoch in range(initial_epoch, config.train.epochs):
         # Fresh, finite datasets per epoch (see inputs.shard_to_dataset); Keras keeps its traced
         # train step across these calls, the optimizer keeps its step counter.
@@ -236,6 +238,33 @@ class ReportToRayTrain(keras.callbacks.Callback):
                              state={"epoch": epoch + 1, "history": self.history}, metadata=self.metadata)
             checkpoint = ray.train.Checkpoint.from_directory(directory) if self.rank == 0 else None
             ray.train.report(numeric(row), checkpoint=checkpoint)
+
+
+class ProgressLog(keras.callbacks.Callback):
+    """A line every ``interval`` seconds inside an epoch: on a CPU an epoch can take half an hour,
+    and Keras' own progress bar is either per epoch (verbose=2) or a carriage-return bar that
+    floods Ray's log files (verbose=1)."""
+
+    def __init__(self, epochs: int, steps: int, global_batch: int, interval: float, clock=time.perf_counter):
+        super().__init__()
+        self.epochs, self.steps, self.global_batch, self.interval, self.clock = (
+            epochs, steps, global_batch, interval, clock)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+        self.epoch_start = self.last_line = self.clock()
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = self.clock()
+        if now - self.last_line < self.interval or batch + 1 >= self.steps:
+            return
+        self.last_line = now
+        done, elapsed = batch + 1, now - self.epoch_start
+        speed = done * self.global_batch / elapsed
+        left = (self.steps - done) * elapsed / done
+        values = " ".join(f"{key}={float(value):.4f}" for key, value in (logs or {}).items())
+        print(f"epoch {self.epoch + 1}/{self.epochs} step {done}/{self.steps} {values} "
+              f"{speed:.1f} images/s, epoch ends in {left:.0f} s", flush=True)
 
 
 def numeric(row: dict) -> dict:

@@ -1,0 +1,34 @@
+"""Progress lines inside a long epoch: how often, and what they say."""
+
+from pipeline.train.loop import ProgressLog
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_progress_lines_at_the_interval_with_speed_and_time_left(capsys):
+    clock = FakeClock()
+    progress = ProgressLog(epochs=3, steps=100, global_batch=50, interval=30, clock=clock)
+    progress.on_epoch_begin(1)
+    for batch in range(100):
+        clock.now += 2.0  # 2 s per step of 50 images: 25 images/s
+        progress.on_train_batch_end(batch, {"loss": 1.23456, "accuracy": 0.5})
+    lines = capsys.readouterr().out.splitlines()
+    # a line every 15 steps (30 s), none for the last step (the epoch's own summary follows)
+    assert [line.split(" ")[3] for line in lines] == [f"{step}/100" for step in range(15, 100, 15)]
+    assert lines[0] == ("epoch 2/3 step 15/100 loss=1.2346 accuracy=0.5000 25.0 images/s, epoch ends in 170 s")
+
+
+def test_quiet_when_steps_are_faster_than_the_interval(capsys):
+    clock = FakeClock()
+    progress = ProgressLog(epochs=1, steps=10, global_batch=8, interval=30, clock=clock)
+    progress.on_epoch_begin(0)
+    for batch in range(10):
+        clock.now += 1.0
+        progress.on_train_batch_end(batch, {})
+    assert capsys.readouterr().out == ""
