@@ -29,3 +29,8 @@ for _key, _value in TENSORFLOW_ENV.items():
     os.environ.setdefault(_key, _value)
 
 __version__ = "0.1.0"
+
+
+class PipelineError(RuntimeError):
+    """A stage stopped for a reason its message explains: the command prints it and exits with
+    status 1, without a traceback (bad configuration is ``config.ConfigError``, status 2)."""

@@ -2,6 +2,7 @@
 
     pipeline preprocess --config configs/fast.yaml --set data.source=../shared/data/cifar10-jpeg-train.tar.gz
     pipeline train      --config configs/fast.yaml --set train.epochs=5
+    pipeline tune       --config configs/search.yaml --set tune.num_samples=8
     pipeline predict    --model artifacts/runs/fast --input photos/ --output predictions.csv
     pipeline config     --config configs/fast.yaml      (print the resolved config)
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before anything imports TensorFlow)
+from pipeline import PipelineError  # (pipeline first: TF_USE_LEGACY_KERAS before TensorFlow)
 from pipeline.config import ConfigError, describe, load_config, to_yaml
 
 USAGE_ERRORS = (ConfigError, ValueError, FileNotFoundError)
@@ -41,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a ResNet with Ray Train (preprocesses first if needed)")
     add_config_arguments(train)
 
+    search = commands.add_parser("tune", help="hyperparameter search: Ray Tune over training runs (ASHA, PBT)")
+    add_config_arguments(search)
+
     predict = commands.add_parser("predict", help="classify an image, a folder, a glob or a file list")
     add_config_arguments(predict)
     predict.add_argument("--model", help="export dir, checkpoint dir or run dir")
@@ -60,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     except USAGE_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except PipelineError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 def run(args) -> int:
@@ -87,6 +94,13 @@ def run(args) -> int:
         runtime.connect(args.address, num_cpus=runtime.local_cpus_for_training(config))
         print_training_summary(run_training(config))
         return 0
+    if args.command == "tune":
+        from pipeline.tune.search import check_search, run_search
+
+        check_search(config)  # a bad search space fails here, before Ray starts
+        runtime.connect(args.address, num_cpus=runtime.local_cpus_for_training(config, runtime.local_trials(config)))
+        print_search_summary(run_search(config))
+        return 0
     if args.command == "predict":
         from pipeline import infer
 
@@ -106,6 +120,21 @@ def print_training_summary(summary: dict) -> None:
         print(f"  {evaluation['split']} ({evaluation['rows']} images): top-1 {evaluation['accuracy']:.4f}, "
               f"top-5 {evaluation['top5_accuracy']:.4f}, loss {evaluation['loss']:.4f}")
     print(f"  model: {summary['export']}\n  summary: {summary['run_dir']}/summary.json")
+
+
+def print_search_summary(summary: dict) -> None:
+    print(f"\nsearch '{summary['search']}' finished: {summary['trials']} trials ({summary['completed']} completed, "
+          f"{summary['early-stopped']} early-stopped, {summary['failed']} failed) in {summary['wall_seconds']:.0f} s")
+    best = summary["best"]
+    if best is None:
+        print("  no trial reported a result")
+        return
+    values = ", ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+                       for key, value in best["params"].items())
+    print(f"  best trial {best['trial']}: {values}; best {summary['metric']} {best[summary['metric']]:.4f}")
+    if best["export"]:
+        print(f"  model: {best['export']}")
+    print(f"  results: {summary['results_csv']}\n  train it: python jobs/train.py --config {summary['best_yaml']}")
 
 
 if __name__ == "__main__":

@@ -162,6 +162,44 @@ class InferConfig:
         min=1)
 
 
+# Metrics a search can rank trials by (per epoch, as reported to Ray Train), with their direction.
+TUNE_METRICS = {"val_accuracy": "max", "val_top5_accuracy": "max", "val_loss": "min",
+                "accuracy": "max", "top5_accuracy": "max", "loss": "min"}
+
+
+@dataclass
+class TuneConfig:
+    """The search (stage 3): which keys to vary and how trials are scheduled. A trial is an ordinary
+    training run of the rest of this config with the sampled values set; ``train.epochs`` is every
+    trial's budget (ASHA's ``max_t``)."""
+    name: Optional[str] = param(None, "search name; re-using a name resumes that search (null: the recipe's)")
+    storage_path: str = param(
+        "artifacts/searches", "where searches live (local, or s3://, gs:// shared by all nodes)")
+    space: dict = param(
+        {}, "the search space, one entry per config key: 'train.learning_rate: {loguniform: [0.01, 1]}'; "
+        "distributions: loguniform / uniform [low, high], integer [low, high] (both included), "
+        "choice [a, b, ...] (sampled), grid [a, b, ...] (every value, times num_samples)")
+    metric: str = param("val_accuracy", "per-epoch metric that ranks, stops and picks trials",
+                        choices=list(TUNE_METRICS))
+    num_samples: int = param(4, "trials sampled from the space (each grid combination this many times)", min=1)
+    max_concurrent_trials: Optional[int] = param(
+        None, "trials running at once; null: as many as the cluster's CPUs/GPUs hold now. On an "
+        "autoscaling cluster set it higher: queued trials' workers are the demand that adds nodes", min=1)
+    scheduler: str = param(
+        "asha", "asha: stop trials below the top 1/reduction_factor at epochs grace_period x "
+        "reduction_factor^k; pbt: population-based training (exploit a better trial's checkpoint, "
+        "perturb its train.* values every perturbation_interval epochs); fifo: run every trial to the end",
+        choices=["asha", "pbt", "fifo"])
+    search_alg: str = param(
+        "random", "random (random sampling and grid); optuna (model-based TPE: later trials sample "
+        "where earlier ones did well; needs the optuna package; no grid)", choices=["random", "optuna"])
+    grace_period: int = param(1, "ASHA: epochs every trial runs before it may be stopped", min=1)
+    reduction_factor: float = param(3.0, "ASHA: keep the top 1/reduction_factor of trials at each rung",
+                                    min=1.0, min_exclusive=True)
+    perturbation_interval: int = param(2, "PBT: epochs between exploit/explore steps", min=1)
+    seed: Optional[int] = param(0, "seed of the search algorithm's sampling (null: random)", min=0)
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -170,6 +208,7 @@ class Config:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     run: RunConfig = field(default_factory=RunConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     recipe: str = "default"  # file stem of the recipe, used as the default run name
 
 
@@ -251,7 +290,14 @@ def apply_override(config: Config, override: str) -> None:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
-    _set(_section(config, section_name), section_name, key, value)
+    section = _section(config, section_name)
+    key, _, entry = key.partition(".")
+    if entry and field_base_type(f"{section_name}.{key}") is dict:
+        # One entry of a mapping key: tune.space.train.learning_rate={loguniform: [0.01, 1]}
+        value = {**getattr(section, key), entry: value}
+    elif entry:
+        key = f"{key}.{entry}"  # reported as an unknown key, with the closest one
+    _set(section, section_name, key, value)
 
 
 def _all_keys() -> list[str]:
@@ -276,13 +322,36 @@ def _section(config: Config, name: str):
 
 
 def _set(section, section_name: str, key: str, value) -> None:
+    setattr(section, key, _coerce(f"{section_name}.{key}", value, field_type(f"{section_name}.{key}")))
+
+
+def field_type(dotted: str):
+    """The type hint of ``section.key``; ConfigError naming the closest key if there is none."""
+    section_name, _, key = dotted.partition(".")
+    section = _section(Config(), section_name)
     fields = {f.name: f for f in dataclasses.fields(section)}
     if key not in fields:
-        dotted = f"{section_name}.{key}"
         suggestion = _suggest(dotted, _all_keys()) or _suggest(key, list(fields))
         raise ConfigError(f"unknown config key '{dotted}'{suggestion}")
-    hint = typing.get_type_hints(type(section))[key]
-    setattr(section, key, _coerce(f"{section_name}.{key}", value, hint))
+    return typing.get_type_hints(type(section))[key]
+
+
+def field_base_type(dotted: str) -> type:
+    """``int``, ``float``, ``bool``, ``str``, ``list`` or ``dict`` for ``section.key`` (Optional removed)."""
+    hint = field_type(dotted)
+    if typing.get_origin(hint) is typing.Union:
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return typing.get_origin(hint) or hint
+
+
+def check_value(dotted: str, value):
+    """``value`` coerced to the type of ``section.key`` and checked against its range and choices,
+    exactly as a recipe or ``--set`` value would be; raises ConfigError naming the key."""
+    value = _coerce(dotted, value, field_type(dotted))
+    section_name, _, key = dotted.partition(".")
+    rules = next(f.metadata for f in dataclasses.fields(_section(Config(), section_name)) if f.name == key)
+    _check_rules(dotted, value, rules)
+    return value
 
 
 def _coerce(dotted: str, value, hint):
@@ -298,10 +367,11 @@ def _coerce(dotted: str, value, hint):
         float: isinstance(value, (int, float)) and not isinstance(value, bool),
         str: isinstance(value, str),
         list: isinstance(value, list),
+        dict: isinstance(value, dict),
     }[base]
     if not ok:
         wanted = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-                  list: "a list such as [30, 60]"}[base]
+                  list: "a list such as [30, 60]", dict: "a mapping of key: value"}[base]
         raise ConfigError(f"config key '{dotted}' must be {wanted}, got {value!r}")
     return float(value) if base is float else value
 
@@ -313,18 +383,7 @@ def validate(config: Config) -> None:
             continue
         values = getattr(config, section.name)
         for f in dataclasses.fields(values):
-            value, rules, dotted = getattr(values, f.name), f.metadata, f"{section.name}.{f.name}"
-            if value is None:
-                continue
-            if rules.get("choices") and value not in rules["choices"]:
-                raise ConfigError(f"config key '{dotted}' must be one of {rules['choices']}, got {value!r}"
-                                  f"{_suggest(str(value), rules['choices'])}")
-            low, high = rules.get("min"), rules.get("max")
-            if low is not None and (value < low or (rules.get("min_exclusive") and value == low)):
-                relation = ">" if rules.get("min_exclusive") else ">="
-                raise ConfigError(f"config key '{dotted}' must be {relation} {low}, got {value!r}")
-            if high is not None and value > high:
-                raise ConfigError(f"config key '{dotted}' must be <= {high}, got {value!r}")
+            _check_rules(f"{section.name}.{f.name}", getattr(values, f.name), f.metadata)
     train = config.train
     if (train.global_batch_size is None) == (train.per_worker_batch_size is None):
         raise ConfigError("set exactly one of train.global_batch_size and train.per_worker_batch_size "
@@ -340,6 +399,20 @@ def validate(config: Config) -> None:
         raise ConfigError(f"train.cutout={train.cutout} must be smaller than data.image_size={config.data.image_size}")
     if config.scaling.collective == "nccl" and not config.scaling.use_gpu:
         raise ConfigError("scaling.collective=nccl needs scaling.use_gpu=true (NCCL is GPU-only); use ring or auto")
+
+
+def _check_rules(dotted: str, value, rules) -> None:
+    if value is None:
+        return
+    if rules.get("choices") and value not in rules["choices"]:
+        raise ConfigError(f"config key '{dotted}' must be one of {rules['choices']}, got {value!r}"
+                          f"{_suggest(str(value), rules['choices'])}")
+    low, high = rules.get("min"), rules.get("max")
+    if low is not None and (value < low or (rules.get("min_exclusive") and value == low)):
+        relation = ">" if rules.get("min_exclusive") else ">="
+        raise ConfigError(f"config key '{dotted}' must be {relation} {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ConfigError(f"config key '{dotted}' must be <= {high}, got {value!r}")
 
 
 # ---------------------------------------------------------------- serialisation

@@ -63,7 +63,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 import pipeline  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TensorFlow)
-from pipeline import storage
+from pipeline import PipelineError, storage
 from pipeline.config import Config
 from pipeline.data.images import IMAGE_EXTENSIONS, UnreadableImage, decode_image, is_image_path
 
@@ -326,6 +326,10 @@ def _write_error_part(errors: list[tuple[str, str]], errors_dir: str) -> None:
 
 # ---------------------------------------------------------------- the model (Ray Data actors)
 
+class IncompleteOutput(PipelineError):
+    """Fewer results than input files reached the driver; no final output was written."""
+
+
 class Predictor:
     """Callable class for ``Dataset.map_batches``: loads the model once per actor, then maps
     {"path", "image" uint8 (N, H, W, 3)[, "label" int]} -> the prediction columns above."""
@@ -477,8 +481,8 @@ def _move_parts(source: str, target: str) -> None:
             fs.move(info.path, target_inner + info.path[len(source_inner):])
 
 
-def _finish_errors(errors_dir: str, errors_path: str) -> int:
-    """Combine the error parts into one CSV sorted by path; returns the number of failed files."""
+def _staged_errors(errors_dir: str) -> pa.Table:
+    """The error parts as one table sorted by path, one row per failed file."""
     dataset = _parquet_dataset(errors_dir, ERROR_SCHEMA)
     table = dataset.to_table() if dataset is not None else ERROR_SCHEMA.empty_table()
     if table.num_rows:
@@ -488,8 +492,21 @@ def _finish_errors(errors_dir: str, errors_path: str) -> int:
         first = np.ones(len(paths), dtype=bool)
         first[1:] = paths[1:] != paths[:-1]
         table = table.filter(pa.array(first))
-    _write_table(table.cast(ERROR_SCHEMA), errors_path, "csv")
-    return table.num_rows
+    return table.cast(ERROR_SCHEMA)
+
+
+def _check_complete(files_seen: int, staged_predictions: str, errors: pa.Table) -> None:
+    """Every listed file must be either classified or failed before any final output is written.
+    A shortfall means parts were written where this driver cannot read them, for example to a
+    local --output on another node of a multi-node cluster."""
+    dataset = _parquet_dataset(staged_predictions)
+    classified = dataset.count_rows() if dataset is not None else 0
+    if classified + errors.num_rows != files_seen:
+        raise IncompleteOutput(
+            f"{files_seen:,} files listed but {classified:,} classified + {errors.num_rows:,} failed are "
+            f"visible to this driver: the rest went where it cannot read them (a local path on another "
+            f"node of the cluster?). Nothing was written to the output; use s3:// or gs:// (or a mount "
+            f"every node shares) for infer.input and infer.output")
 
 
 def _finish_predictions(staged: str, layout: OutputLayout, schema: pa.Schema) -> int:
@@ -665,7 +682,10 @@ def run_inference(config: Config, address: Optional[str] = None) -> dict:
 
         _progress(f"writing {layout.predictions}")
         clock = time.perf_counter()
-        failed = _finish_errors(staged_errors, layout.errors)
+        errors = _staged_errors(staged_errors)
+        _check_complete(files_seen, staged_predictions, errors)
+        _write_table(errors, layout.errors, "csv")
+        failed = errors.num_rows
         accuracy = _accuracy(staged_predictions, class_names) if labelled else None
         classified = _finish_predictions(staged_predictions, layout, prediction_schema(labelled))
         outputs = {"predictions": layout.predictions, "errors": layout.errors}
@@ -681,8 +701,6 @@ def run_inference(config: Config, address: Optional[str] = None) -> dict:
         storage.delete(layout.staging)
 
     elapsed = time.perf_counter() - started
-    if classified + failed != files_seen:
-        _progress(f"warning: {files_seen:,} files listed but {classified:,} classified + {failed:,} failed")
     summary = {
         "model": model_dir,
         "input": settings.input,

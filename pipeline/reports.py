@@ -150,6 +150,48 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: 
     return write_png(figure, path)
 
 
+def plot_trial_curves(curves: dict[str, list[tuple[int, float]]], metric: str, path: str) -> str:
+    """One line per search trial: ``metric`` per epoch. Trials a scheduler stopped early end
+    early on the chart; the legend is left out beyond 12 trials, where it would hide the lines."""
+    figure = Figure(figsize=(7.2, 4.6))
+    axes = figure.add_subplot()
+    for trial, points in sorted(curves.items()):
+        epochs, values = zip(*points) if points else ((), ())
+        axes.plot(epochs, values, marker="o", markersize=3, linewidth=1.2, label=trial)
+    axes.set_title(f"{metric} per epoch, every trial")
+    axes.set_xlabel("epoch")
+    axes.set_ylabel(metric)
+    axes.grid(True, alpha=0.3)
+    if 0 < len(curves) <= 12:
+        axes.legend(fontsize=7, loc="best")
+    return write_png(figure, path)
+
+
+def plot_parameters(points: list[dict], dimensions, metric: str, path: str) -> str:
+    """One panel per searched key: each trial's value of it against its best ``metric``. A
+    log-uniform key gets a log axis; choices and grids are placed at evenly spaced positions."""
+    columns = min(3, max(1, len(dimensions)))
+    rows = math.ceil(len(dimensions) / columns)
+    figure = Figure(figsize=(4.2 * columns, 3.4 * rows))
+    for index, dimension in enumerate(dimensions):
+        axes = figure.add_subplot(rows, columns, index + 1)
+        values = [point[dimension.key] for point in points]
+        scores = [point[metric] for point in points]
+        if dimension.is_range:
+            axes.scatter(values, scores, s=22)
+            if dimension.log_scale:
+                axes.set_xscale("log")
+        else:
+            labels = [str(value) for value in dimension.values]
+            axes.scatter([labels.index(str(value)) if str(value) in labels else -1 for value in values], scores, s=22)
+            axes.set_xticks(range(len(labels)), labels=labels, rotation=30 if len(labels) > 4 else 0)
+        axes.set_xlabel(dimension.key)
+        axes.set_ylabel(f"best {metric}")
+        axes.grid(True, alpha=0.3)
+    figure.suptitle(f"searched values against each trial's best {metric}")
+    return write_png(figure, path)
+
+
 # ---------------------------------------------------------------- helpers
 
 def _epochs(history: dict, length: int) -> list:

@@ -54,9 +54,20 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=True, **kwargs)
 
 
-def local_cpus_for_training(config) -> int:
-    """Logical CPUs for a local Ray that trains: the workers' reservations plus room for the
-    Ray Data tasks that feed them (reserving every core for workers would starve the input
-    pipeline and hang). TensorFlow's threads are sized separately in the worker loop."""
-    reserved = config.scaling.num_workers * config.scaling.cpus_per_worker
-    return max(os.cpu_count() or 1, int(reserved + 0.999) + 2)
+# Logical CPUs kept free of training workers for the Ray Data tasks that feed them: reserving
+# every CPU for workers starves the input pipeline and the run hangs.
+INGEST_CPUS = 2
+
+
+def local_cpus_for_training(config, trials: int = 1) -> int:
+    """Logical CPUs for a local Ray that trains ``trials`` runs at once: the workers' reservations
+    plus ``INGEST_CPUS``. TensorFlow's threads are sized separately in the worker loop."""
+    reserved = trials * config.scaling.num_workers * config.scaling.cpus_per_worker
+    return max(os.cpu_count() or 1, int(reserved + 0.999) + INGEST_CPUS)
+
+
+def local_trials(config) -> int:
+    """Trials a local Ray runs at once: ``tune.max_concurrent_trials``, else one per core's worth
+    of worker reservations."""
+    per_trial = config.scaling.num_workers * max(config.scaling.cpus_per_worker, 1.0)
+    return config.tune.max_concurrent_trials or max(1, int((os.cpu_count() or 1) // per_trial))

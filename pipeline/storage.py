@@ -47,6 +47,10 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base, *parts) if is_uri(base) else os.path.join(base, *parts)
 
 
+def basename(path: str) -> str:
+    return posixpath.basename(str(path).rstrip("/"))
+
+
 def exists(path: str) -> bool:
     fs, inner = filesystem(path)
     return fs.get_file_info(inner).type != pafs.FileType.NotFound

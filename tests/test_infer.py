@@ -330,6 +330,18 @@ def test_glob_into_directory_output(local_ray, exported_model, mixed_folder, tmp
     assert json.loads((output / "summary.json").read_text())["classified"] == summary["classified"] == 4
 
 
+def test_results_that_never_reach_the_driver_fail_without_an_output(local_ray, exported_model, mixed_folder,
+                                                                       tmp_path, monkeypatch):
+    # Stands in for parts written to another node's local disk: one result never arrives.
+    folder, _ = exported_model
+    build = infer.build_dataset
+    monkeypatch.setattr(infer, "build_dataset", lambda *args, **kwargs: build(*args, **kwargs).limit(3))
+    output = tmp_path / "predictions.csv"
+    with pytest.raises(infer.IncompleteOutput, match="files listed but 3 classified"):
+        infer.run_inference(_config(folder, f"{mixed_folder}/photos/*", output))
+    assert sorted(os.listdir(tmp_path)) == []  # no predictions, errors or summary to mistake for a result
+
+
 def test_file_list_with_a_missing_entry(local_ray, exported_model, labelled_folder, tmp_path):
     folder, model = exported_model
     listing = labelled_folder / "list.txt"

@@ -9,30 +9,16 @@ import time
 import numpy as np
 import psutil
 import pytest
-import ray
 
 import pipeline  # noqa: F401
-from pipeline import runtime, storage
+from pipeline import storage
 from pipeline.config import load_config
 from pipeline.data.manifest import images_from_column, open_manifest
 from pipeline.models.saving import load_model
-from pipeline.train.run import run_training
-from synthetic_data import make_image_folder
+from pipeline.train.run import TrainingDiverged, check_finite, run_training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.cluster
-
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    return make_image_folder(str(tmp_path_factory.mktemp("images")), classes=4, per_class=40, test_per_class=8)
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    runtime.connect(num_cpus=4)
-    yield
-    ray.shutdown()
 
 
 def smoke_config(source, tmp_path, *overrides):
@@ -46,7 +32,7 @@ def checkpoints(run_dir):
                   if name.startswith("checkpoint_") and os.path.isdir(os.path.join(run_dir, name)))
 
 
-def test_one_worker_trains_checkpoints_and_exports(source, tmp_path, local_ray):
+def test_one_worker_trains_checkpoints_and_exports(source, tmp_path, training_ray):
     config = smoke_config(source, tmp_path, "run.name=one")
     summary = run_training(config)
     run_dir = summary["run_dir"]
@@ -88,7 +74,7 @@ def checkpoints_by_epoch(run_dir):
     return sorted(epochs, key=epochs.get)
 
 
-def test_two_workers_fp32_ring(source, tmp_path, local_ray):
+def test_two_workers_fp32_ring(source, tmp_path, training_ray):
     config = smoke_config(source, tmp_path, "run.name=two", "scaling.num_workers=2", "train.precision=fp32",
                           "scaling.collective=ring", "scaling.cpus_per_worker=1")
     summary = run_training(config)
@@ -98,7 +84,7 @@ def test_two_workers_fp32_ring(source, tmp_path, local_ray):
     assert summary["evaluation"]["rows"] == 32  # rank 0 evaluates every test row, none dropped by the split
 
 
-def test_fp16_loss_scaling_path_runs_on_cpu(source, tmp_path, local_ray):
+def test_fp16_loss_scaling_path_runs_on_cpu(source, tmp_path, training_ray):
     # mixed_float16 + LossScaleOptimizer is the GPU path; it runs (slowly) on a CPU too.
     config = smoke_config(source, tmp_path, "run.name=fp16", "train.precision=fp16", "train.epochs=1")
     summary = run_training(config)
@@ -146,6 +132,13 @@ def test_stopped_run_resumes_at_the_right_epoch(source, tmp_path):
     # came back from the checkpoint unchanged.
     assert history[:len(done_before)] == done_before
     assert storage.read_json(os.path.join(run_dir, "summary.json"))["epochs"] == 4
+
+
+def test_a_diverged_history_is_the_runs_error():
+    check_finite([{"epoch": 1, "loss": 2.3}], "fine")
+    check_finite([{"epoch": 1, "loss": float("inf")}], "fp16 skipped a step")  # weights still finite
+    with pytest.raises(TrainingDiverged, match="run 'lr' diverged in epoch 2: the weights became NaN"):
+        check_finite([{"epoch": 1, "loss": 2.3}, {"epoch": 2, "loss": float("nan"), "lr": 1e30, "diverged": True}], "lr")
 
 
 def test_cli_rejects_bad_config_before_work(tmp_path):

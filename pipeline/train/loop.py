@@ -20,6 +20,7 @@ import time
 
 import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import ray.train
+import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
@@ -100,18 +101,27 @@ def train_loop_per_worker(loop_config: dict) -> None:
         optimizer.build(model.trainable_variables)  # slots exist before a restore fills them
 
     initial_epoch, history = 0, []
+    # The run's own latest checkpoint (a restart, or the same run name again) wins over the one a
+    # new run was asked to start from (population-based training hands over another trial's).
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        checkpoint = loop_config.get("start_from")
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = restore_checkpoint(directory, model=model, optimizer=optimizer)
         initial_epoch, history = state["epoch"], state["history"]
         print(f"[rank {rank}] resumed from {checkpoint.path} at epoch {initial_epoch}/{config.train.epochs}")
+        if rank == 0:
+            # A run started from another run's checkpoint has its history from the first moment,
+            # even if no epoch is left to train.
+            write_history(history, run_dir)
 
     metadata = model_metadata(kind="checkpoint", class_names=dataset_info["class_names"], image_size=image_size,
                               config=loop_config["config"], mean=dataset_info["mean"], std=dataset_info["std"],
                               precision=precision)
-    callbacks = [ReportToRayTrain(config=config, metadata=metadata, history=history, run_dir=run_dir,
-                                  rank=rank, images_per_epoch=train_steps * global_batch, precision=precision)]
+    reporter = ReportToRayTrain(config=config, metadata=metadata, history=history, run_dir=run_dir,
+                                rank=rank, images_per_epoch=train_steps * global_batch, precision=precision)
+    callbacks = [reporter]
     if rank == 0:
         callbacks.append(TensorBoardToStorage(storage.join(run_dir, "tensorboard")))
         if config.run.progress_seconds:
@@ -123,6 +133,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         model.fit(strategy.distribute_datasets_from_function(train_dataset_fn), initial_epoch=epoch,
                   epochs=epoch + 1, steps_per_epoch=train_steps, validation_data=validation,
                   validation_steps=validation_steps, callbacks=callbacks, verbose=2 if rank == 0 else 0)
+        if reporter.diverged:
+            return  # every worker stops here alike; the driver raises TrainingDiverged from the history
 
     # Every worker reads the weights: BatchNorm's moving statistics are on-read-synchronised
     # variables, so reading them is an all-reduce that a lone rank 0 would wait on forever.
@@ -193,6 +205,8 @@ class ReportToRayTrain(keras.callbacks.Callback):
         self.config, self.metadata, self.history, self.run_dir = config, metadata, history, run_dir
         self.rank, self.images_per_epoch, self.precision = rank, images_per_epoch, precision
 
+    diverged = False
+
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch_start, self.train_seconds = time.perf_counter(), None
         self.first_batch_end, self.last_batch_end, self.batches = None, None, 0
@@ -224,10 +238,19 @@ class ReportToRayTrain(keras.callbacks.Callback):
                "images_per_second": round(self.images_per_epoch / train_seconds, 2),
                "steady_images_per_second": self.steady_images_per_second(),
                "precision": self.precision}
+        # Decided from the weights, which are identical on every worker after the all-reduce, so
+        # all workers stop at the same epoch without a collective (a loss differs per worker, and
+        # under fp16 loss scaling a non-finite loss only skips a step).
+        self.diverged = not all(np.isfinite(variable.numpy()).all() for variable in self.model.trainable_variables)
+        if self.diverged:
+            row["diverged"] = True
         self.history.append(row)
         last = epoch + 1 == self.config.train.epochs
         if self.rank == 0:
             write_history(self.history, self.run_dir)
+        if self.diverged:
+            self.model.stop_training = True
+            return  # no report and no checkpoint of NaN weights; the run ends after this epoch
         if not (last or (epoch + 1) % self.config.train.checkpoint_every_epochs == 0):
             ray.train.report(numeric(row))
             return
@@ -235,7 +258,9 @@ class ReportToRayTrain(keras.callbacks.Callback):
             # Every worker writes (a MirroredStrategy save may involve all replicas); only rank 0's
             # copy is handed to Ray Train, which uploads it to the run's storage before returning.
             write_checkpoint(directory, model=self.model, optimizer=self.model.optimizer,
-                             state={"epoch": epoch + 1, "history": self.history}, metadata=self.metadata)
+                             state={"epoch": epoch + 1, "history": self.history,
+                                    "run": os.path.basename(self.run_dir.rstrip("/"))},
+                             metadata=self.metadata)
             checkpoint = ray.train.Checkpoint.from_directory(directory) if self.rank == 0 else None
             ray.train.report(numeric(row), checkpoint=checkpoint)
 

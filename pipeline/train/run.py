@@ -12,13 +12,14 @@ checkpoint; a finished run is not trained again, only evaluated and exported aga
 
 from __future__ import annotations
 
+import math
 import time
 
 import pipeline  # noqa: F401
 import ray.train
 from ray.train.tensorflow import TensorflowTrainer
 
-from pipeline import reports, storage
+from pipeline import PipelineError, reports, storage
 from pipeline.config import Config, batch_sizes, scaled_learning_rate, to_dict, to_yaml
 from pipeline.data.manifest import images_from_column
 from pipeline.data.preprocess import ensure_preprocessed
@@ -29,8 +30,17 @@ def run_name(config: Config) -> str:
     return config.run.name or config.recipe
 
 
-def run_training(config: Config) -> dict:
-    """Train as configured; returns the run summary (also written to ``summary.json``)."""
+class TrainingDiverged(PipelineError):
+    """The loss became NaN or infinite: the run stopped instead of training on garbage weights."""
+
+
+def run_training(config: Config, *, callbacks=(), start_from=None) -> dict:
+    """Train as configured; returns the run summary (also written to ``summary.json``).
+
+    ``callbacks``: extra ``ray.train.UserCallback``s (a Tune trial forwards metrics with one).
+    ``start_from``: a ``ray.train.Checkpoint`` to start a new run from, as population-based training
+    does with another trial's weights; the run's own checkpoints take precedence on resume.
+    """
     manifest = ensure_preprocessed(config)
     storage_path = storage.absolute(config.run.storage_path)
     name = run_name(config)
@@ -69,7 +79,8 @@ def run_training(config: Config) -> dict:
         resources["GPU"] = scaling.gpus_per_worker
     trainer = TensorflowTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": to_dict(config), "dataset": dataset_info, "run_dir": run_dir},
+        train_loop_config={"config": to_dict(config), "dataset": dataset_info, "run_dir": run_dir,
+                           "start_from": start_from},
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                                resources_per_worker=resources),
         datasets=datasets,
@@ -81,12 +92,25 @@ def run_training(config: Config) -> dict:
                 num_to_keep=config.train.checkpoints_to_keep,
                 checkpoint_score_attribute="val_accuracy" if has_val else "accuracy",
                 checkpoint_score_order="max"),
-            failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures)),
+            failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
+            callbacks=list(callbacks)),
     )
     started = time.perf_counter()
     result = trainer.fit()
     wall_seconds = time.perf_counter() - started
+    check_finite(storage.read_json(storage.join(run_dir, "history.json")), name)
     return summarise(config, manifest, run_dir, result, wall_seconds)
+
+
+def check_finite(history: list[dict], name: str) -> None:
+    """The workers stop together at the end of an epoch whose weights are no longer finite (see
+    ``ReportToRayTrain``); this makes that the run's error, so a diverged run never looks finished."""
+    last = history[-1] if history else {}
+    if last.get("diverged"):
+        raise TrainingDiverged(
+            f"run '{name}' diverged in epoch {last['epoch']}: the weights became NaN or infinite (training "
+            f"loss {last.get('loss')}, learning rate {last.get('lr', math.nan):.4g}); lower "
+            f"train.learning_rate, lengthen train.warmup_epochs, or use train.precision=fp32")
 
 
 def summarise(config: Config, manifest, run_dir: str, result, wall_seconds: float) -> dict:

@@ -1,0 +1,1 @@
+"""Stage 3: hyperparameter search with Ray Tune over distributed training trials."""

@@ -1,0 +1,291 @@
+"""``run_search``: Ray Tune over distributed training runs, from a config to a finished search.
+
+Each trial is a Tune function trainable (``train_trial``) that builds and fits its own
+``TensorflowTrainer`` through ``run_training``, the Ray 2.x pattern that replaced
+``Tuner(trainer)``: its own Ray Train workers, checkpoints, history and export, in a run folder
+of the search. ``TuneReportCallback`` forwards each epoch's metrics from Ray Train to Tune, where
+the scheduler (ASHA by default) stops weak trials early.
+
+A search folder (``<tune.storage_path>/<tune.name>/``, local or s3:// / gs://) holds:
+``search.yaml`` (the resolved config, written first), ``tune/`` (Ray Tune's experiment state:
+what lets the same command resume), ``trials/<trial id>/`` (each trial's training run) and
+``trials/<trial id>.json`` (its sampled values and, under PBT, the checkpoints it continued from),
+then ``results.csv``/``results.json``, ``best.yaml``, ``plots/`` and ``summary.json``, written last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+
+import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before anything imports TensorFlow)
+from ray import tune
+from ray.train import UserCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining, TrialScheduler
+
+from pipeline import runtime, storage
+from pipeline.config import TUNE_METRICS, Config, ConfigError, from_dict, to_dict, to_yaml
+from pipeline.tune import results
+from pipeline.tune.space import Dimension, param_space, parse_space, pbt_mutations, trial_config
+
+# A trial's own process only waits on its Ray Train run (whose workers hold the CPUs/GPUs), so
+# it asks for memory, not a CPU: trials then queue on their workers' resources, and a head node
+# with CPU: 0 (ray-cluster.yaml) can host the trial drivers, away from preemptible workers.
+TRIAL_DRIVER_RESOURCES = {"memory": 512 * 1024**2}
+# Settings that may change when a search is resumed; anything else must match search.yaml.
+RESUMABLE_CHANGES = ("tune.max_concurrent_trials", "run.progress_seconds")
+# PBT copies a trial's checkpoints into Tune (it clones them into weaker trials); it warns below 3.
+PBT_CHECKPOINTS_TO_KEEP = 4
+
+
+class FinishLastEpoch:
+    """Scheduler mixin: a trial that reported its last epoch finishes. Plain ASHA stops it there
+    (and, when train.epochs is grace_period x reduction_factor^k, may judge it at a rung on that
+    very epoch); PBT may exploit it there. Either ends the trial before it evaluates and exports
+    its model, which is all that is left to do."""
+
+    last_epoch: int
+
+    def on_trial_result(self, tune_controller, trial, result):
+        if result.get("epoch", 0) >= self.last_epoch:
+            return TrialScheduler.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
+
+
+class FinishingASHA(FinishLastEpoch, ASHAScheduler):
+    pass
+
+
+class FinishingPBT(FinishLastEpoch, PopulationBasedTraining):
+    pass
+
+
+def search_name(config: Config) -> str:
+    return config.tune.name or config.recipe
+
+
+def check_search(config: Config) -> list[Dimension]:
+    """Everything about the search that can be checked before any work; ConfigError otherwise."""
+    dimensions = parse_space(config)
+    tune_config, epochs = config.tune, config.train.epochs
+    if tune_config.scheduler == "asha" and tune_config.grace_period >= epochs:
+        raise ConfigError(f"tune.grace_period={tune_config.grace_period} must be below train.epochs={epochs} "
+                          f"(ASHA stops trials only after the grace period)")
+    if tune_config.scheduler == "pbt" and tune_config.perturbation_interval >= epochs:
+        raise ConfigError(f"tune.perturbation_interval={tune_config.perturbation_interval} must be below "
+                          f"train.epochs={epochs}, or PBT never exploits")
+    if tune_config.metric.startswith("val_") and config.data.val_fraction == 0:
+        raise ConfigError(f"tune.metric={tune_config.metric} needs a validation split: set data.val_fraction > 0")
+    if tune_config.search_alg == "optuna":
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            raise ConfigError("tune.search_alg=optuna needs the optuna package: "
+                              "pip install 'ray-image-pipeline[optuna]'") from None
+    return dimensions
+
+
+def run_search(config: Config) -> dict:
+    """Run (or resume) the search; returns its summary (also written to ``summary.json``)."""
+    from pipeline.data.preprocess import ensure_preprocessed
+
+    dimensions = check_search(config)
+    name = search_name(config)
+    search_dir = storage.join(storage.absolute(config.tune.storage_path), name)
+    tune_dir = storage.join(search_dir, "tune")
+    resuming = tune.Tuner.can_restore(tune_dir)
+    _check_same_search(search_dir, config, resuming)
+    # Once for the whole search: every trial then reuses these shards.
+    ensure_preprocessed(config)
+    storage.delete(storage.join(search_dir, "summary.json"))  # not complete until rewritten
+    storage.write_text(storage.join(search_dir, "search.yaml"), to_yaml(config))
+
+    pbt = config.tune.scheduler == "pbt"
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, base=to_dict(config), search_dir=search_dir, forward_checkpoints=pbt),
+        TRIAL_DRIVER_RESOURCES)
+    started = time.perf_counter()
+    if resuming:
+        print(f"resuming search '{name}' from {tune_dir}: finished trials are kept, unfinished ones continue "
+              f"from their last checkpoint; use another tune.name to start afresh")
+        tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        concurrency = trial_concurrency(config)
+        print(f"search '{name}' in {search_dir}: {config.tune.num_samples} sample(s) of "
+              f"{', '.join(f'{d.key} {d.describe()}' for d in dimensions)}; scheduler {config.tune.scheduler}, "
+              f"search {config.tune.search_alg}, up to {concurrency} trial(s) at once, "
+              f"{config.scaling.num_workers} worker(s) each, metric {config.tune.metric}")
+        tuner = tune.Tuner(
+            trainable, param_space=param_space(dimensions),
+            tune_config=tune.TuneConfig(
+                metric=config.tune.metric, mode=TUNE_METRICS[config.tune.metric],
+                scheduler=make_scheduler(config, dimensions), search_alg=make_search_alg(config, concurrency),
+                num_samples=config.tune.num_samples,
+                trial_dirname_creator=_trial_dirname),
+            run_config=tune.RunConfig(
+                name="tune", storage_path=search_dir,
+                # Worker failures are retried inside a trial by Ray Train (train.max_failures); a trial
+                # that still fails is reported with its error and the search goes on.
+                failure_config=tune.FailureConfig(max_failures=0),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=PBT_CHECKPOINTS_TO_KEEP) if pbt else None,
+                verbose=1))
+    result_grid = tuner.fit()
+    return results.write_results(config, dimensions, search_dir, result_grid,
+                                 wall_seconds=time.perf_counter() - started)
+
+
+def _trial_dirname(trial) -> str:
+    return trial.trial_id
+
+
+def trial_concurrency(config: Config) -> int:
+    """``tune.max_concurrent_trials``, or as many trials as the cluster's resources hold now
+    (after the CPUs left to Ray Data's input tasks)."""
+    import ray
+
+    if config.tune.max_concurrent_trials:
+        return config.tune.max_concurrent_trials
+    return concurrent_trials_that_fit(config, ray.cluster_resources())
+
+
+def concurrent_trials_that_fit(config: Config, resources: dict) -> int:
+    scaling = config.scaling
+    fits = []
+    if scaling.cpus_per_worker:
+        spare = resources.get("CPU", 0) - runtime.INGEST_CPUS
+        fits.append(spare // (scaling.num_workers * scaling.cpus_per_worker))
+    if scaling.use_gpu and scaling.gpus_per_worker:
+        fits.append(resources.get("GPU", 0) // (scaling.num_workers * scaling.gpus_per_worker))
+    return max(1, int(min(fits))) if fits else 1
+
+
+def make_scheduler(config: Config, dimensions: list[Dimension]):
+    settings = config.tune
+    # Time is counted in epochs (the "epoch" every report carries), so rungs and perturbation
+    # intervals are whole epochs.
+    if settings.scheduler == "asha":
+        scheduler = FinishingASHA(time_attr="epoch", max_t=config.train.epochs, grace_period=settings.grace_period,
+                                  reduction_factor=settings.reduction_factor)
+    elif settings.scheduler == "pbt":
+        scheduler = FinishingPBT(time_attr="epoch", perturbation_interval=settings.perturbation_interval,
+                                 hyperparam_mutations=pbt_mutations(dimensions))
+    else:
+        return FIFOScheduler()
+    scheduler.last_epoch = config.train.epochs
+    return scheduler
+
+
+def make_search_alg(config: Config, concurrency: int):
+    if config.tune.search_alg == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(seed=config.tune.seed), max_concurrent=concurrency)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    # Tune ignores TuneConfig(max_concurrent_trials) for a generator passed in: it takes the cap
+    # itself. Trials beyond it wait as PENDING; started, they would take every CPU and starve the
+    # Ray Data tasks that feed all of them.
+    return BasicVariantGenerator(random_state=config.tune.seed, max_concurrent=concurrency)
+
+
+def _check_same_search(search_dir: str, config: Config, resuming: bool) -> None:
+    saved_path = storage.join(search_dir, "search.yaml")
+    if not storage.exists(saved_path):
+        return
+    import yaml
+
+    saved, current = _flat(to_dict(from_dict(yaml.safe_load(storage.read_text(saved_path))))), _flat(to_dict(config))
+    changed = sorted(key for key in set(saved) | set(current)
+                     if saved.get(key) != current.get(key) and key not in RESUMABLE_CHANGES and key != "recipe")
+    if changed:
+        raise ConfigError(f"search '{search_name(config)}' in {search_dir} was started with other settings "
+                          f"(changed: {', '.join(changed)}); use another tune.name to start a new search")
+    if not resuming:
+        print(f"search '{search_name(config)}': {search_dir} has no Tune state yet; starting it")
+
+
+def _flat(values: dict) -> dict:
+    return {f"{section}.{key}": value for section, keys in values.items() if isinstance(keys, dict)
+            for key, value in keys.items()}
+
+
+# ---------------------------------------------------------------- one trial (runs in a Tune actor)
+
+def train_trial(params: dict, *, base: dict, search_dir: str, forward_checkpoints: bool) -> None:
+    """One trial: the search's config with ``params`` set, trained as an ordinary run.
+
+    The Ray Train run is named after the trial, so a resumed search continues it from its own
+    latest checkpoint. Under PBT a trial may restart from another trial's checkpoint (Tune hands
+    it over through ``tune.get_checkpoint``): that becomes a new run, named after the checkpoint.
+    """
+    from pipeline.train.run import run_training
+
+    import ray.data
+
+    # Several runs at once under one driver: Ray Data's progress bars (redrawn many times a
+    # second per run) would bury Tune's status table. Each epoch's line still shows progress.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    trial_id = tune.get_context().get_trial_id()
+    start_from = tune.get_checkpoint()
+    name, origin = trial_id, None
+    if start_from is not None:
+        origin = _checkpoint_origin(start_from)
+        name = f"{trial_id}-{hashlib.sha1(start_from.path.encode()).hexdigest()[:8]}"
+    results.record_segment(search_dir, trial_id, {"run": name, "from": origin, "params": params})
+    config = trial_config(base, params)  # a bad combination fails this trial, with the key named
+    config.run.name = name
+    config.run.storage_path = storage.join(search_dir, "trials")
+
+    if not forward_checkpoints:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        run_training(config, callbacks=[TuneReportCallback()], start_from=start_from)
+        return
+    # PBT clones trials through Tune checkpoints, but TuneReportCallback forwards metrics only. So
+    # the run goes to a thread, and this (Tune's) thread reports each epoch with its checkpoint,
+    # one at a time: the queue holds one item, as TuneReportCallback's does, so Ray Train waits
+    # for Tune's decision (continue, pause, exploit) after every report.
+    from ray.util.queue import Queue
+
+    reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    outcome: dict = {}
+
+    def fit():
+        try:
+            run_training(config, callbacks=[ReportCheckpointsToTune(reports)], start_from=start_from)
+        except BaseException as error:  # re-raised below, in the trial's thread
+            outcome["error"] = error
+        finally:
+            reports.put(None)
+
+    thread = threading.Thread(target=fit, name=f"train-{name}", daemon=True)
+    thread.start()
+    while (item := reports.get()) is not None:
+        metrics, checkpoint = item
+        tune.report(metrics, checkpoint=tune.Checkpoint(checkpoint.path, checkpoint.filesystem) if checkpoint else None)
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+
+
+class ReportCheckpointsToTune(UserCallback):
+    """Ray Train callback (runs in the Train controller): each report's rank-0 metrics and its
+    persisted checkpoint, handed to the trial's thread that reports them to Tune."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics, checkpoint):
+        self.queue.put((metrics[0], checkpoint))
+
+
+def _checkpoint_origin(checkpoint) -> dict:
+    """Which run and epoch a handed-over checkpoint came from (its ``state.json``)."""
+    import json
+
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/state.json") as stream:
+        state = json.loads(stream.read())
+    run = state.get("run") or ""
+    return {"trial": run.split("-")[0], "run": run, "epoch": state["epoch"]}

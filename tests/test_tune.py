@@ -1,0 +1,177 @@
+"""Ray Tune over real distributed training trials on a local Ray: ASHA, a diverging trial, the
+results a search leaves, best.yaml trained again, PBT exploiting a checkpoint, and a killed search
+resumed by the same command."""
+
+import contextlib
+import csv
+import os
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import yaml
+
+import pipeline  # noqa: F401
+from pipeline import cli, storage
+from pipeline.config import load_config, to_dict
+from pipeline.tune.search import run_search
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE_SEARCH = os.path.join(REPO, "configs/search-smoke.yaml")
+pytestmark = pytest.mark.cluster
+
+
+def search_overrides(source, root, name):
+    return [f"data.source={source}", f"data.output={root}/data", f"run.storage_path={root}/runs",
+            f"tune.storage_path={root}/searches", f"tune.name={name}", "tune.max_concurrent_trials=2"]
+
+
+@pytest.fixture(scope="module")
+def asha_search(source, tmp_path_factory, training_ray):
+    """Four trials, two at a time: two good learning rates first, then one too small to learn in
+    an epoch (ASHA stops it at the first rung) and one so large that the weights overflow. Five
+    epochs (rungs at 1, 2 and 4): Ray Train runs on while Tune decides, so a stopped trial may
+    record an epoch or two past its rung, but not the whole budget."""
+    root = tmp_path_factory.mktemp("asha")
+    config = load_config(SMOKE_SEARCH, search_overrides(source, root, "asha") + [
+        "tune.num_samples=1", "train.epochs=5", "tune.space={train.learning_rate: {grid: [0.05, 0.03, 0.00001, 1.0e+30]}}"])
+    return config, run_search(config)
+
+
+def rows_of(summary):
+    with open(summary["results_csv"]) as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_asha_stops_weak_trials_and_a_diverging_trial_fails(asha_search):
+    config, summary = asha_search
+    rows = {float(row["train.learning_rate"]): row for row in rows_of(summary)}
+    assert len(rows) == 4 and summary["trials"] == 4
+    # Read from the results, not the logs: the tiny rate ran fewer epochs than the budget.
+    assert rows[0.00001]["status"] == "early-stopped" and int(rows[0.00001]["epochs"]) < config.train.epochs
+    assert summary["early-stopped"] >= 1
+    # The overflowing rate failed with the reason; the search went on and finished the others.
+    diverged = rows[1.0e30]
+    assert diverged["status"] == "failed"
+    assert "TrainingDiverged" in diverged["error"] and "NaN or infinite" in diverged["error"]
+    assert "\n" not in diverged["error"]
+    assert summary["completed"] >= 1 and rows[0.05]["status"] in ("completed", "early-stopped")
+    for row in rows.values():
+        if row["status"] == "completed":
+            assert int(row["epochs"]) == config.train.epochs and float(row["val_accuracy"]) > 0.25
+
+
+def test_search_folder_holds_results_best_recipe_plots_and_export(asha_search):
+    config, summary = asha_search
+    search_dir = summary["search_dir"]
+    best = summary["best"]
+    assert best["status"] == "completed"
+    completed = [row for row in rows_of(summary) if row["status"] == "completed"]
+    assert best["val_accuracy"] == max(float(row["val_accuracy"]) for row in completed)
+    # The best trial's export was evaluated on the test split like any run.
+    assert os.path.exists(os.path.join(best["export"], "metadata.json"))
+    assert best["evaluation"]["split"] == "test" and best["evaluation"]["rows"] == 32
+    assert best["checkpoint"] and os.path.isdir(best["checkpoint"])
+    for name in ("results.csv", "results.json", "best.yaml", "search.yaml", "summary.json",
+                 "plots/val_accuracy_per_epoch.png", "plots/parameters.png"):
+        assert os.path.getsize(os.path.join(search_dir, name)) > 0, name
+    # Each trial is a full training run of its own, inside the search folder.
+    for row in rows_of(summary):
+        if row["status"] != "failed":
+            assert os.path.exists(os.path.join(row["run_dir"], "history.json"))
+            assert row["run_dir"].startswith(os.path.join(search_dir, "trials"))
+
+
+def test_best_yaml_trains_unchanged_with_the_best_trials_config(asha_search, training_ray):
+    config, summary = asha_search
+    best_yaml = summary["best_yaml"]
+    recipe = yaml.safe_load(open(best_yaml))
+    assert "tune" not in recipe  # a plain recipe: same schema, no search keys
+    assert cli.main(["train", "--config", best_yaml]) == 0
+
+    trained = load_config(best_yaml)
+    trial = yaml.safe_load(open(os.path.join(summary["best"]["run_dir"], "config.yaml")))
+    resolved = to_dict(trained)
+    # Identical to the trial's resolved config, except that it is a run of its own.
+    for section in ("data", "model", "train", "scaling", "infer", "tune"):
+        assert resolved[section] == trial[section], section
+    assert resolved["train"]["learning_rate"] == summary["best"]["params"]["train.learning_rate"]
+    assert trained.run.name == "asha-best"
+    run_dir = os.path.join(trained.run.storage_path, "asha-best")
+    assert storage.read_json(os.path.join(run_dir, "summary.json"))["epochs"] == config.train.epochs
+
+
+def test_pbt_continues_a_trial_from_a_better_trials_checkpoint(source, tmp_path, training_ray):
+    config = load_config(SMOKE_SEARCH, search_overrides(source, tmp_path, "pbt") + [
+        "tune.scheduler=pbt", "tune.perturbation_interval=1", "train.epochs=4", "tune.num_samples=2",
+        "tune.space={train.learning_rate: {uniform: [0.01, 0.06]}}"])
+    summary = run_search(config)
+    rows = rows_of(summary)
+    assert {row["status"] for row in rows} == {"completed"}
+    exploited = [row for row in rows if row["pbt_exploits"]]
+    assert exploited, rows
+    row = exploited[0]
+    source_trial = next(other for other in rows if other is not row)["trial"]
+    assert f"from trial {source_trial}" in row["pbt_exploits"]
+    # It continued from the other trial's checkpoint, with a perturbed learning rate, and still
+    # ran exactly the budget of epochs: the inherited epochs came with the checkpoint.
+    def segments(trial):
+        return storage.read_json(os.path.join(summary["search_dir"], "trials", f"{trial}.json"))["segments"]
+
+    first, *later = segments(row["trial"])
+    assert later and later[0]["from"]["trial"] == source_trial
+    # PBT's explore multiplies the source's rate by 0.8 or 1.2 (or resamples it): a value neither
+    # trial had before.
+    rate = later[0]["params"]["train.learning_rate"]
+    assert rate != first["params"]["train.learning_rate"]
+    assert rate not in [segment["params"]["train.learning_rate"] for segment in segments(source_trial)]
+    history = storage.read_json(os.path.join(row["run_dir"], "history.json"))
+    assert [entry["epoch"] for entry in history] == [1, 2, 3, 4]
+
+
+def test_optuna_search_samples_within_the_space(source, tmp_path, training_ray):
+    config = load_config(SMOKE_SEARCH, search_overrides(source, tmp_path, "optuna") + [
+        "tune.search_alg=optuna", "tune.scheduler=fifo", "tune.num_samples=2", "train.epochs=1"])
+    summary = run_search(config)
+    rows = rows_of(summary)
+    assert summary["trials"] == 2 and summary["completed"] == 2
+    for row in rows:
+        assert 0.001 <= float(row["train.learning_rate"]) <= 0.3
+        assert 0.00001 <= float(row["train.weight_decay"]) <= 0.001
+    assert rows[0]["train.learning_rate"] != rows[1]["train.learning_rate"]
+
+
+def test_killed_search_resumes_without_training_finished_trials_again(source, tmp_path):
+    arguments = [sys.executable, os.path.join(REPO, "jobs/tune.py"), "--config", SMOKE_SEARCH]
+    for override in search_overrides(source, tmp_path, "resume") + [
+            "tune.scheduler=fifo", "tune.max_concurrent_trials=1", "train.epochs=2",
+            "tune.space={train.learning_rate: {grid: [0.05, 0.02, 0.01]}}", "tune.num_samples=1"]:
+        arguments += ["--set", override]
+    search_dir = tmp_path / "searches" / "resume"
+    first = subprocess.Popen(arguments, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    deadline = time.time() + 400
+    finished = []
+    while time.time() < deadline and first.poll() is None and not finished:
+        finished = [path for path in (search_dir / "trials").glob("*/summary.json")] if search_dir.exists() else []
+        time.sleep(0.5)
+    assert first.poll() is None, first.stdout.read().decode()[-3000:]
+    time.sleep(5)  # Tune records the finished trial in its experiment state
+    job = psutil.Process(first.pid)
+    for process in [job, *job.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    first.wait()
+    assert not (search_dir / "summary.json").exists()
+    done = {path.parent: (path.parent / "history.json").read_bytes() for path in finished}
+
+    second = subprocess.run(arguments, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming search 'resume'" in second.stdout
+    summary = storage.read_json(str(search_dir / "summary.json"))
+    assert summary["trials"] == 3 and summary["completed"] == 3
+    for run_dir, history in done.items():
+        assert (run_dir / "history.json").read_bytes() == history  # not trained again
+    assert len(list((search_dir / "trials").glob("*/summary.json"))) == 3
