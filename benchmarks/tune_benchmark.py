@@ -83,8 +83,9 @@ def main():
             f"data.output={args.work}/data-real", f"run.storage_path={args.work}/runs",
             f"tune.storage_path={args.work}/searches", "tune.name=real", f"train.epochs={args.real_epochs}",
             f"tune.num_samples={args.real_samples}", "tune.max_concurrent_trials=2", "run.progress_seconds=120",
-            # warm-up must stay below the (shortened) budget
-            f"tune.space.train.warmup_epochs={{uniform: [0.0, {args.real_epochs - 0.5}]}}")],
+            # warm-up (the recipe's 2 epochs, and the searched range) stays below the shortened budget
+            f"train.warmup_epochs={args.real_epochs / 4:g}",
+            f"tune.space.train.warmup_epochs={{uniform: [0.0, {args.real_epochs / 2:g}]}}")],
             f"{args.work}/tune-real.log")
         with open(f"{args.work}/searches/real/summary.json") as handle:
             real = json.load(handle)

@@ -85,27 +85,37 @@ def run(args) -> int:
     if args.command == "preprocess":
         from pipeline.data.preprocess import run_preprocess, summarize
 
-        runtime.connect(args.address)
+        connect_and_check(config, args)
         print(summarize(run_preprocess(config, force=args.force)))
         return 0
     if args.command == "train":
         from pipeline.train.run import run_training
 
-        runtime.connect(args.address, num_cpus=runtime.local_cpus_for_training(config))
+        connect_and_check(config, args, num_cpus=runtime.local_cpus_for_training(config))
         print_training_summary(run_training(config))
         return 0
     if args.command == "tune":
         from pipeline.tune.search import check_search, run_search
 
         check_search(config)  # a bad search space fails here, before Ray starts
-        runtime.connect(args.address, num_cpus=runtime.local_cpus_for_training(config, runtime.local_trials(config)))
+        connect_and_check(config, args,
+                          num_cpus=runtime.local_cpus_for_training(config, runtime.local_trials(config)))
         print_search_summary(run_search(config))
         return 0
     if args.command == "predict":
         from pipeline import infer
 
-        return infer.main(config, args.address)
+        return infer.main(config, args.address)  # checks its inputs, then connects and runs preflight
     raise AssertionError(args.command)
+
+
+def connect_and_check(config, args, num_cpus: int | None = None) -> None:
+    """Start or join Ray, then the checks that depend on the cluster (shared storage, CPUs left
+    for input, the driver's node): they fail here, before any work."""
+    from pipeline import preflight, runtime
+
+    runtime.connect(args.address, num_cpus=num_cpus)
+    preflight.check(config, args.command, preflight.cluster_facts())
 
 
 def print_training_summary(summary: dict) -> None:

@@ -145,6 +145,9 @@ class RunConfig:
     progress_seconds: float = param(
         30.0, "print training progress (step, loss, accuracy, images/s, time left) this often; 0: per epoch only",
         min=0.0)
+    shared_paths: list = param(
+        [], "local folders that every node of the cluster mounts (an NFS share: [/mnt/shared]); on a "
+        "cluster of several nodes, local paths for data, runs, searches and inference must be under one")
 
 
 @dataclass
@@ -413,6 +416,28 @@ def _check_rules(dotted: str, value, rules) -> None:
         raise ConfigError(f"config key '{dotted}' must be {relation} {low}, got {value!r}")
     if high is not None and value > high:
         raise ConfigError(f"config key '{dotted}' must be <= {high}, got {value!r}")
+
+
+# Keys that name local paths (or URIs). data.source may also be the word "cifar10" (the download).
+PATH_KEYS = ("data.source", "data.cache_dir", "data.output", "run.storage_path", "tune.storage_path",
+             "infer.model", "infer.input", "infer.output")
+
+
+def with_absolute_paths(config: Config) -> Config:
+    """A copy whose relative local paths are absolute, against this process' working directory:
+    code that runs elsewhere (a Tune trial runs in its own folder, Ray workers in theirs) then
+    reads and writes where the user meant. URIs, ``~`` paths and ``data.source: cifar10`` stay."""
+    from pipeline import storage
+
+    config = from_dict(to_dict(config))
+    for dotted in PATH_KEYS:
+        section, key = dotted.split(".")
+        value = getattr(getattr(config, section), key)
+        if value and not storage.is_uri(value) and not value.startswith("~") and not (
+                dotted == "data.source" and value == "cifar10"):
+            setattr(getattr(config, section), key, storage.absolute(value))
+    config.run.shared_paths = [storage.absolute(path) for path in config.run.shared_paths]
+    return config
 
 
 # ---------------------------------------------------------------- serialisation

@@ -659,10 +659,11 @@ def run_inference(config: Config, address: Optional[str] = None) -> dict:
     _progress(f"{len(paths):,} files ({labelled_note}); model {model_dir}: {len(class_names)} classes, "
               f"{image_size}x{image_size} pixels")
 
-    from pipeline import runtime
+    from pipeline import preflight, runtime
 
     clock = time.perf_counter()
     runtime.connect(address)
+    preflight.check(config, "predict", preflight.cluster_facts())
     stage_seconds["connect_ray"] = round(time.perf_counter() - clock, 3)
     _warn_if_no_cpu_left_for_decoding(settings)
     storage.delete(layout.summary)  # an older summary would vouch for the new, still partial output

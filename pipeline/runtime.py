@@ -37,9 +37,19 @@ def runtime_env() -> dict:
     return {"env_vars": env_vars} if env_vars else {}
 
 
+_started_locally = False
+
+
+def started_locally() -> bool:
+    """Whether this process runs on an embedded Ray it started itself (one machine, sized for the
+    stage), rather than on a cluster it joined."""
+    return _started_locally or not ray.is_initialized()
+
+
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join the cluster named by ``address`` / ``RAY_ADDRESS`` (set inside ``ray job submit``),
     or start a local embedded Ray with this machine's resources."""
+    global _started_locally
     for key, value in WORKER_ENV_VARS.items():
         os.environ.setdefault(key, value)
     if ray.is_initialized():
@@ -49,6 +59,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
+        _started_locally = True
         # With the dashboard, as a Ray user expects: it also serves the State API, without which Ray
         # Train's placement-group cleaner cannot watch its controller and warns every few seconds.
         ray.init(num_cpus=num_cpus, include_dashboard=True, **kwargs)

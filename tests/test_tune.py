@@ -131,16 +131,34 @@ def test_pbt_continues_a_trial_from_a_better_trials_checkpoint(source, tmp_path,
     assert [entry["epoch"] for entry in history] == [1, 2, 3, 4]
 
 
-def test_optuna_search_samples_within_the_space(source, tmp_path, training_ray):
-    config = load_config(SMOKE_SEARCH, search_overrides(source, tmp_path, "optuna") + [
+def test_optuna_search_with_relative_paths(source, tmp_path, training_ray, monkeypatch):
+    # Relative paths mean the driver's working directory, although Tune runs each trial elsewhere.
+    monkeypatch.chdir(tmp_path)
+    config = load_config(SMOKE_SEARCH, [
+        f"data.source={os.path.relpath(source, tmp_path)}", "data.output=data", "run.storage_path=runs",
+        "tune.storage_path=searches", "tune.name=optuna", "tune.max_concurrent_trials=2",
         "tune.search_alg=optuna", "tune.scheduler=fifo", "tune.num_samples=2", "train.epochs=1"])
     summary = run_search(config)
+    assert summary["search_dir"] == str(tmp_path / "searches" / "optuna")
+    assert os.path.exists(tmp_path / "data" / "manifest.json")
     rows = rows_of(summary)
     assert summary["trials"] == 2 and summary["completed"] == 2
     for row in rows:
         assert 0.001 <= float(row["train.learning_rate"]) <= 0.3
         assert 0.00001 <= float(row["train.weight_decay"]) <= 0.001
     assert rows[0]["train.learning_rate"] != rows[1]["train.learning_rate"]
+
+
+def test_a_search_whose_every_trial_fails_exits_with_the_reason(source, tmp_path, training_ray, capsys):
+    arguments = ["tune", "--config", SMOKE_SEARCH]
+    for override in search_overrides(source, tmp_path, "diverged") + [
+            "tune.space={train.learning_rate: {grid: [1.0e+30]}}", "tune.num_samples=1", "train.epochs=2",
+            "tune.scheduler=fifo"]:
+        arguments += ["--set", override]
+    assert cli.main(arguments) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: search 'diverged': no trial reported a result (1 of 1 failed); the first "
+                            "error: TrainingDiverged: run ") and "results.csv" in error
 
 
 def test_killed_search_resumes_without_training_finished_trials_again(source, tmp_path):

@@ -24,8 +24,8 @@ from ray import tune
 from ray.train import UserCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining, TrialScheduler
 
-from pipeline import runtime, storage
-from pipeline.config import TUNE_METRICS, Config, ConfigError, from_dict, to_dict, to_yaml
+from pipeline import PipelineError, runtime, storage
+from pipeline.config import TUNE_METRICS, Config, ConfigError, from_dict, to_dict, to_yaml, with_absolute_paths
 from pipeline.tune import results
 from pipeline.tune.space import Dimension, param_space, parse_space, pbt_mutations, trial_config
 
@@ -37,6 +37,10 @@ TRIAL_DRIVER_RESOURCES = {"memory": 512 * 1024**2}
 RESUMABLE_CHANGES = ("tune.max_concurrent_trials", "run.progress_seconds")
 # PBT copies a trial's checkpoints into Tune (it clones them into weaker trials); it warns below 3.
 PBT_CHECKPOINTS_TO_KEEP = 4
+
+
+class SearchFailed(PipelineError):
+    """Every trial of a search failed before reporting a result."""
 
 
 class FinishLastEpoch:
@@ -91,6 +95,7 @@ def run_search(config: Config) -> dict:
     from pipeline.data.preprocess import ensure_preprocessed
 
     dimensions = check_search(config)
+    config = with_absolute_paths(config)  # trials run in folders of their own
     name = search_name(config)
     search_dir = storage.join(storage.absolute(config.tune.storage_path), name)
     tune_dir = storage.join(search_dir, "tune")
@@ -131,8 +136,15 @@ def run_search(config: Config) -> dict:
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=PBT_CHECKPOINTS_TO_KEEP) if pbt else None,
                 verbose=1))
     result_grid = tuner.fit()
-    return results.write_results(config, dimensions, search_dir, result_grid,
-                                 wall_seconds=time.perf_counter() - started)
+    summary = results.write_results(config, dimensions, search_dir, result_grid,
+                                    wall_seconds=time.perf_counter() - started)
+    if summary["best"] is None:
+        errors = [result.error for result in result_grid if result.error is not None]
+        raise SearchFailed(f"search '{name}': no trial reported a result ({summary['failed']} of {summary['trials']} "
+                           f"failed); the first error: {results.error_line(errors[0]) if errors else 'none'}. "
+                           f"Every trial's error is in {summary['results_csv']}")
+    return summary
+
 
 
 def _trial_dirname(trial) -> str:

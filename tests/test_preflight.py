@@ -1,0 +1,122 @@
+"""Checks that depend on the cluster a stage runs on: shared storage on several nodes, relative
+paths in a submitted job's working-dir copy, CPUs left for input, a driver on a CPU-less head."""
+
+import os
+
+import pytest
+
+from pipeline.config import ConfigError, load_config
+from pipeline.preflight import ClusterFacts, autoscaler_in_status, check
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def facts(**changes):
+    values = dict(local=False, nodes=1, autoscaling=False, cpus=8.0, gpus=0.0, driver_node_cpus=8.0,
+                  working_dir=None)
+    return ClusterFacts(**{**values, **changes})
+
+
+def config(*overrides):
+    return load_config(os.path.join(REPO, "configs/smoke.yaml"), [
+        "data.output=/data/shards", "run.storage_path=/data/runs", "tune.storage_path=/data/searches", *overrides])
+
+
+@pytest.mark.parametrize("stage, key", [
+    ("preprocess", "data.output"), ("train", "data.output"), ("train", "run.storage_path"),
+    ("tune", "tune.storage_path"), ("predict", "infer.output"), ("predict", "infer.input"),
+    ("predict", "infer.model")])
+def test_local_paths_are_refused_on_several_nodes(stage, key, tmp_path):
+    cloud = [f"{name}=s3://bucket/{name}" for name in (
+        "data.output", "run.storage_path", "tune.storage_path", "infer.output", "infer.input", "infer.model")]
+    settings = config(*[value for value in cloud if not value.startswith(key + "=")], f"{key}={tmp_path}/x")
+    check(settings, stage, facts(nodes=1))  # one node: its own disk is everyone's
+    with pytest.raises(ConfigError) as error:
+        check(settings, stage, facts(nodes=2))
+    message = str(error.value)
+    assert message.startswith(f"{key}={tmp_path}/x is a local path, but this cluster has 2 nodes")
+    assert "s3://" in message and "run.shared_paths" in message
+    # One node now, but an autoscaler may add more: the same.
+    with pytest.raises(ConfigError, match="1 nodes and an autoscaler that adds more"):
+        check(settings, stage, facts(nodes=1, autoscaling=True))
+    # A folder every node mounts, declared as such, is accepted; so is the embedded local Ray.
+    check(config(*settings_overrides(settings), f"run.shared_paths=[{tmp_path}]"), stage, facts(nodes=2))
+    check(settings, stage, facts(nodes=2, local=True))
+
+
+def settings_overrides(settings):
+    return [f"{key}={getattr(getattr(settings, key.split('.')[0]), key.split('.')[1])}" for key in (
+        "data.output", "run.storage_path", "tune.storage_path", "infer.output", "infer.input", "infer.model")
+        if getattr(getattr(settings, key.split('.')[0]), key.split('.')[1])]
+
+
+def test_object_storage_passes_on_several_nodes():
+    settings = config("data.output=s3://bucket/data", "run.storage_path=gs://bucket/runs",
+                      "tune.storage_path=s3://bucket/searches", "infer.input=s3://bucket/photos",
+                      "infer.model=s3://bucket/runs/x", "infer.output=s3://bucket/out")
+    for stage in ("preprocess", "train", "tune", "predict"):
+        check(settings, stage, facts(nodes=3, autoscaling=True))
+
+
+def test_relative_outputs_are_refused_in_a_submitted_jobs_working_dir():
+    cache = "/tmp/ray/session_x/runtime_resources/working_dir_files/_ray_pkg_abc"
+    settings = config("run.storage_path=artifacts/runs")
+    with pytest.raises(ConfigError) as error:
+        check(settings, "train", facts(working_dir=cache))
+    assert str(error.value).startswith("run.storage_path=artifacts/runs is a relative path")
+    assert cache in str(error.value) and "deletes" in str(error.value)
+    check(settings, "train", facts())  # not submitted with --working-dir: a relative path is fine
+    check(config("run.storage_path=~/runs"), "train", facts(working_dir=cache))
+
+
+def test_workers_that_take_every_cpu_are_refused_on_a_fixed_cluster():
+    # The hang seen for real: 2 nodes x 1 CPU, 2 workers x 1 CPU, nothing left for Ray Data.
+    settings = config("scaling.num_workers=2", "data.output=s3://b/d", "run.storage_path=s3://b/r")
+    with pytest.raises(ConfigError) as error:
+        check(settings, "train", facts(nodes=2, cpus=2.0))
+    assert "reserve 2 of this cluster's 2 CPUs, leaving none for the Ray Data tasks" in str(error.value)
+    assert "scaling.cpus_per_worker=0.5" in str(error.value)
+    check(config("scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "data.output=s3://b/d",
+                 "run.storage_path=s3://b/r"), "train", facts(nodes=2, cpus=2.0))
+    check(settings, "train", facts(nodes=2, cpus=2.0, autoscaling=True))  # pending work adds nodes
+    check(settings, "train", facts(nodes=1, cpus=2.0, local=True))  # sized for the stage
+
+
+def test_concurrent_trials_count_in_the_cpu_check():
+    settings = config("data.output=s3://b/d", "run.storage_path=s3://b/r", "tune.storage_path=s3://b/s",
+                      "tune.max_concurrent_trials=4")
+    with pytest.raises(ConfigError, match="4 concurrent trials x scaling.num_workers=1"):
+        check(settings, "tune", facts(nodes=2, cpus=4.0))
+    check(settings, "tune", facts(nodes=2, cpus=5.0))
+
+
+def test_gpus_a_cluster_does_not_have_are_refused():
+    settings = config("scaling.use_gpu=true", "scaling.num_workers=2")
+    with pytest.raises(ConfigError, match="asks for 2 GPUs .* this cluster has 1 and no autoscaler"):
+        check(settings, "train", facts(gpus=1.0))
+    check(settings, "train", facts(gpus=2.0))
+    cloud = config("scaling.use_gpu=true", "scaling.num_workers=2", "data.output=s3://b/d", "run.storage_path=s3://b/r")
+    check(cloud, "train", facts(gpus=0.0, autoscaling=True))  # the autoscaler adds GPU nodes for them
+
+
+def test_preprocessing_needs_cpus_on_the_drivers_node(tmp_path):
+    settings = config(f"data.output={tmp_path}/data", f"run.storage_path={tmp_path}/runs",
+                      f"run.shared_paths=[{tmp_path}]")
+    with pytest.raises(ConfigError, match="--entrypoint-num-cpus 1"):
+        check(settings, "preprocess", facts(nodes=3, autoscaling=True, driver_node_cpus=0.0))
+    with pytest.raises(ConfigError, match="--entrypoint-num-cpus 1"):
+        check(settings, "train", facts(nodes=3, autoscaling=True, driver_node_cpus=0.0))  # shards missing
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text("{}")
+    check(settings, "train", facts(nodes=3, autoscaling=True, driver_node_cpus=0.0))  # already built
+
+
+def test_a_plain_head_nodes_monitor_is_not_an_autoscaler():
+    # The status a plain `ray start --head` publishes once a second node joined (read in Ray 2.60).
+    readonly = {"autoscaler_report": {"active_nodes": {"node_720a": 1}, "pending_launches": {}, "legacy": True,
+                                      "node_type_mapping": {"720a": "node_720a", "81bc": "node_81bc"}}}
+    assert not autoscaler_in_status(readonly)
+    assert not autoscaler_in_status({"load_metrics_report": {}})  # before its first update
+    launcher = {"autoscaler_report": {"active_nodes": {"ray.head.default": 1}, "pending_launches": {"gpu-1x": 2},
+                                      "node_type_mapping": {"720a": "ray.head.default"}}}
+    assert autoscaler_in_status(launcher)
