@@ -3,6 +3,8 @@ starts on 127.0.0.1: preprocess into it, train with checkpoints there, resume fr
 it, predict from and to it. Credentials come only from the standard environment variables, set
 here to the dummy values the local server accepts."""
 
+import csv
+import io
 import json
 import os
 import signal
@@ -47,7 +49,8 @@ def s3_server():
             except OSError:
                 assert server.poll() is None and time.time() < deadline, "moto server did not start"
                 time.sleep(0.5)
-        pafs.S3FileSystem(endpoint_override=endpoint, scheme="http").create_dir(BUCKET.removeprefix("s3://"))
+        pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", allow_bucket_creation=True).create_dir(
+            BUCKET.removeprefix("s3://"))
         yield endpoint
     finally:
         os.killpg(server.pid, signal.SIGTERM)
@@ -97,6 +100,6 @@ def test_every_stage_on_s3(source, s3_server, s3_ray, tmp_path):
         f"infer.model={BUCKET}/runs/s3run", f"infer.input={BUCKET}/photos", f"infer.output={BUCKET}/predictions.csv"]))
     assert result["files_seen"] == 32 and result["classified"] == 32 and result["failed"] == 0
     assert result["accuracy"] is not None  # class folders in the bucket label the images
-    predictions = storage.read_text(f"{BUCKET}/predictions.csv").splitlines()
-    assert len(predictions) == 33 and predictions[1].startswith("s3://pipeline-test/photos/")
+    predictions = list(csv.DictReader(io.StringIO(storage.read_text(f"{BUCKET}/predictions.csv"))))
+    assert len(predictions) == 32 and all(row["path"].startswith(f"{BUCKET}/photos/class_") for row in predictions)
     assert json.loads(storage.read_text(f"{BUCKET}/predictions.csv.summary.json"))["classified"] == 32
