@@ -40,23 +40,7 @@ def sets(*overrides: str) -> list[str]:
     return [part for override in overrides for part in ("--set", override)]
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", required=True, help="CIFAR-10 archive or image folder")
-    parser.add_argument("--work", default="/tmp/tune-benchmark")
-    parser.add_argument("--images-per-class", type=int, default=40, help="subset for the overhead and smoke runs")
-    parser.add_argument("--real", action="store_true", help="also run configs/search.yaml on a subset")
-    parser.add_argument("--real-images-per-class", type=int, default=100)
-    parser.add_argument("--real-epochs", type=int, default=2)
-    parser.add_argument("--real-samples", type=int, default=8)
-    args = parser.parse_args()
-    subprocess.run(["rm", "-rf", args.work])
-    os.makedirs(args.work)
-    common = [f"data.source={args.source}", f"data.max_images_per_class={args.images_per_class}",
-              f"data.output={args.work}/data-small", f"run.storage_path={args.work}/runs",
-              f"tune.storage_path={args.work}/searches"]
-    report = {}
-
+def overhead_and_smoke(args, common: list[str], report: dict) -> None:
     # The search's data is preprocessed once here, so neither timed command below includes it.
     run([sys.executable, "jobs/preprocess.py", "--config", "configs/search-smoke.yaml", *sets(*common)],
         f"{args.work}/preprocess.log")
@@ -77,6 +61,29 @@ def main():
                        "completed": smoke["completed"], "early_stopped": smoke["early-stopped"],
                        "failed": smoke["failed"]}
 
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", required=True, help="CIFAR-10 archive or image folder")
+    parser.add_argument("--work", default="/tmp/tune-benchmark")
+    parser.add_argument("--images-per-class", type=int, default=40, help="subset for the overhead and smoke runs")
+    parser.add_argument("--real", action="store_true", help="also run configs/search.yaml on a subset")
+    parser.add_argument("--real-images-per-class", type=int, default=100)
+    parser.add_argument("--real-epochs", type=int, default=2)
+    parser.add_argument("--real-samples", type=int, default=8)
+    parser.add_argument("--only-real", action="store_true", help="skip parts 1 and 2")
+    args = parser.parse_args()
+    args.real = args.real or args.only_real
+    if not args.only_real:
+        subprocess.run(["rm", "-rf", args.work])
+    os.makedirs(args.work, exist_ok=True)
+    common = [f"data.source={args.source}", f"data.max_images_per_class={args.images_per_class}",
+              f"data.output={args.work}/data-small", f"run.storage_path={args.work}/runs",
+              f"tune.storage_path={args.work}/searches"]
+    report = {}
+
+    if not args.only_real:
+        overhead_and_smoke(args, common, report)
     if args.real:
         real_seconds = run([sys.executable, "jobs/tune.py", "--config", "configs/search.yaml", *sets(
             f"data.source={args.source}", f"data.max_images_per_class={args.real_images_per_class}",

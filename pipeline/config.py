@@ -133,6 +133,9 @@ class ScalingConfig:
     gpus_per_worker: float = param(1.0, "GPUs per worker when use_gpu", min=0.0)
     cpus_per_worker: float = param(
         1.0, "CPUs reserved per worker (TensorFlow still uses all cores of its node)", min=0.0)
+    custom_resources: dict = param(
+        {}, "other Ray resources each worker asks for, e.g. {spot: 1} to train on the spot nodes of "
+        "ray-cluster.yaml, or a custom accelerator resource")
     collective: str = param(
         "auto", "all-reduce implementation: auto (NCCL on GPUs, ring on CPUs) | ring | nccl",
         choices=["auto", "ring", "nccl"])

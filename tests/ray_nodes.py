@@ -44,8 +44,9 @@ def head_node(temp_dir: str, env: dict, num_cpus: int, extra: tuple = ()):
     head = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={gcs_port}", f"--num-cpus={num_cpus}",
                              "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                              f"--dashboard-port={dashboard.rsplit(':', 1)[1]}", f"--temp-dir={temp_dir}",
-                             "--disable-usage-stats", *extra], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+                             # not the fixed default port: another Ray on the machine may hold it
+                             f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats", *extra],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 180
         while subprocess.run(["ray", "job", "list", "--address", dashboard], env=env,
@@ -62,7 +63,8 @@ def worker_node(gcs: str, env: dict, num_cpus: int, expected_nodes: int, temp_di
     # Its own temp dir, as on a machine of its own: nodes sharing one would share Ray's runtime-env
     # cache, and one node's clean-up would delete the working dir of a job running on another.
     worker = subprocess.Popen(["ray", "start", f"--address={gcs}", "--block", f"--num-cpus={num_cpus}",
-                               f"--temp-dir={temp_dir}", "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL,
+                               f"--temp-dir={temp_dir}", f"--dashboard-agent-listen-port={free_port()}",
+                               "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 240
@@ -81,10 +83,11 @@ def alive_nodes(gcs: str, env: dict) -> int:
     return int(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 else 0
 
 
-def submit(address: str, env: dict, working_dir: str, *command: str, timeout: int = 900,
+def submit(address: str, env: dict, working_dir: str | None, *command: str, timeout: int = 900,
            options: tuple = ()) -> subprocess.CompletedProcess:
     """`ray job submit` and wait; retried while the head's job agent is still starting."""
-    arguments = ["ray", "job", "submit", "--address", address, "--working-dir", working_dir, *options, "--", *command]
+    shipped = ["--working-dir", working_dir] if working_dir else []
+    arguments = ["ray", "job", "submit", "--address", address, *shipped, *options, "--", *command]
     deadline = time.time() + 240  # on a busy machine the agents start well after the dashboard answers
     while True:
         result = subprocess.run(arguments, env=env, capture_output=True, text=True, timeout=timeout)

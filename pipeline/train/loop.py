@@ -61,6 +61,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if config.train.seed is not None:
         keras.utils.set_random_seed(config.train.seed)  # same initial weights on every worker
 
+    record_worker(run_dir, context, gpus)
     precision = resolve_precision(config.train.precision, gpus)
     keras.mixed_precision.set_global_policy(PRECISION_POLICIES[precision])
     strategy = tf.distribute.MultiWorkerMirroredStrategy(
@@ -141,6 +142,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
     weights = model.get_weights()
     if rank == 0:
         finish(weights, config, dataset_info, metadata, run_dir)
+
+
+def record_worker(run_dir: str, context, gpus) -> None:
+    """``<run>/workers/rank-N.json``: where this worker ran and which devices it saw, so that a
+    user can check what really ran (gathered into summary.json by the driver)."""
+    import socket
+
+    rank = context.get_world_rank()
+    storage.write_json(storage.join(run_dir, "workers", f"rank-{rank:03d}.json"), {
+        "rank": rank, "local_rank": context.get_local_rank(), "node_rank": context.get_node_rank(),
+        "node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "gpus": [gpu.name for gpu in gpus]})
 
 
 def resolve_precision(requested: str, gpus) -> str:

@@ -53,6 +53,7 @@ def run_training(config: Config, *, callbacks=(), start_from=None) -> dict:
         print(f"resuming run '{name}' from its latest checkpoint ({done} of {config.train.epochs} epochs "
               f"recorded); use another run.name to start afresh")
     storage.delete(storage.join(run_dir, "summary.json"))  # the run is not complete until rewritten
+    storage.delete(storage.join(run_dir, "workers"))  # rewritten by this attempt's workers
     storage.write_text(storage.join(run_dir, "config.yaml"), to_yaml(config))
     per_worker_batch, global_batch = batch_sizes(config)
     print(f"training run '{name}' in {run_dir}: {config.model.name}, {config.train.epochs} epochs, "
@@ -74,7 +75,7 @@ def run_training(config: Config, *, callbacks=(), start_from=None) -> dict:
     }
 
     scaling = config.scaling
-    resources = {"CPU": scaling.cpus_per_worker}
+    resources = {"CPU": scaling.cpus_per_worker, **scaling.custom_resources}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
     trainer = TensorflowTrainer(
@@ -134,12 +135,19 @@ def summarise(config: Config, manifest, run_dir: str, result, wall_seconds: floa
         "wall_seconds": round(wall_seconds, 1),
         "train_images_per_second": round(sorted(speeds)[len(speeds) // 2], 1) if speeds else None,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "workers": _worker_records(run_dir),
         "export": evaluation.get("export"),
         "plots": plots + [grid],
         "config": to_dict(config),
     }
     storage.write_json(storage.join(run_dir, "summary.json"), summary)
     return summary
+
+
+def _worker_records(run_dir: str) -> list[dict]:
+    """What each worker saw when it started (see ``loop.record_worker``), by rank."""
+    folder = storage.join(run_dir, "workers")
+    return [storage.read_json(storage.join(folder, name)) for name in storage.list_dir(folder) if name.endswith(".json")]
 
 
 def _columns(history: list[dict]) -> dict[str, list[float]]:

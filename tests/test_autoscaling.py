@@ -1,0 +1,159 @@
+"""A real autoscaling cluster on this machine: Ray's fake multi-node provider, with the head and
+the 1-GPU worker type of ray-cluster.yaml (its GPU mapped to a custom resource, so it runs on
+CPUs). A 2-worker training job makes the autoscaler start worker nodes, one Ray Train worker on
+each (the all-reduce crosses raylets), trains and exports; two Tune trials run on two nodes; the
+idle nodes are removed afterwards. Every node is a real raylet process."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+
+import pytest
+import yaml
+
+from ray_nodes import alive_nodes, cluster_env, free_port, submit
+from synthetic_data import make_image_folder
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.cluster
+IDLE_SECONDS = 12
+
+
+def fake_cluster_config(gcs_address: str) -> dict:
+    """ray-cluster.yaml's head and gpu-1x worker type, on the fake provider. Ray's own example
+    config for this provider is not in the wheel, so every top-level key is given here."""
+    launcher = yaml.safe_load(open(os.path.join(REPO, "ray-cluster.yaml")))
+    head = launcher["available_node_types"][launcher["head_node_type"]]
+    gpu_type = launcher["available_node_types"]["gpu-1x"]
+    worker_resources = {"CPU": 2, "fake_gpu": gpu_type["resources"]["GPU"], "object_store_memory": 300 * 1024**2}
+    return {
+        "cluster_name": "fake-autoscaling", "max_workers": 2, "upscaling_speed": 1.0,
+        "idle_timeout_minutes": IDLE_SECONDS / 60,
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True, "gcs_address": gcs_address},
+        "auth": {}, "docker": {},
+        "available_node_types": {
+            "ray.head.default": {"resources": head["resources"], "node_config": {}, "max_workers": 0},
+            "gpu-1x": {"resources": worker_resources, "node_config": {},
+                       "min_workers": gpu_type["min_workers"], "max_workers": min(2, gpu_type["max_workers"])},
+        },
+        "head_node_type": "ray.head.default",
+        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+        "rsync_exclude": [], "rsync_filter": [],
+    }
+
+
+@pytest.fixture(scope="module")
+def autoscaling_cluster(tmp_path_factory):
+    import ray._private.services
+
+    root = tmp_path_factory.mktemp("autoscaling")
+    env = {**cluster_env(), "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    port = free_port()
+    gcs = f"{ray._private.services.get_node_ip_address()}:{port}"
+    # Short: Ray's socket paths live under it, and a Unix socket path has at most 107 characters.
+    temp_dir = tempfile.mkdtemp(prefix="ray-as-")
+    config = root / "fake.yaml"
+    config.write_text(yaml.safe_dump(fake_cluster_config(gcs)))
+    dashboard = f"http://127.0.0.1:{free_port()}"
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=0", f"--autoscaling-config={config}",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard.rsplit(':', 1)[1]}",
+         f"--temp-dir={temp_dir}", f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while subprocess.run(["ray", "job", "list", "--address", dashboard], env=env, capture_output=True,
+                             timeout=60).returncode != 0:
+            assert head.poll() is None and time.time() < deadline, "the autoscaling head did not come up"
+            time.sleep(2)
+        assert alive_nodes(gcs, env) == 1  # min_workers 0: the head alone
+        yield {"address": dashboard, "gcs": gcs, "env": env, "root": root}
+    finally:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        # The fake nodes are raylets the head's autoscaler started: stop any it left behind.
+        subprocess.run(["pkill", "-f", f"--gcs-address={gcs}"], check=False)
+        subprocess.run(["pkill", "-f", f"--gcs_address={gcs}"], check=False)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def watch_nodes(cluster, until, timeout):
+    """Alive node counts, polled until ``until(count)`` holds."""
+    counts, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        counts.append(alive_nodes(cluster["gcs"], cluster["env"]))
+        if until(counts[-1]):
+            break
+        time.sleep(2)
+    return counts
+
+
+@pytest.fixture(scope="module")
+def shards(autoscaling_cluster):
+    """Preprocessed outside the cluster (its head has no CPUs for the decode tasks, see preflight)."""
+    root = autoscaling_cluster["root"]
+    source = make_image_folder(str(root / "images"), classes=3, per_class=24, test_per_class=4)
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    result = subprocess.run(["python", os.path.join(REPO, "jobs/preprocess.py"), "--config",
+                             os.path.join(REPO, "configs/smoke.yaml"), "--set", f"data.source={source}",
+                             "--set", f"data.output={root}/data"], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return source
+
+
+def cluster_job(cluster, source, *arguments, script="jobs/train.py", config="configs/smoke.yaml"):
+    # No --working-dir: the fake nodes share this machine's Ray temp dir, and one node's clean-up of
+    # the runtime-env cache would delete another's copy; the installed package is on every node.
+    root = cluster["root"]
+    command = ["python", os.path.join(REPO, script), "--config", os.path.join(REPO, config),
+               "--set", f"data.source={source}", "--set", f"data.output={root}/data",
+               "--set", f"run.storage_path={root}/runs", "--set", f"tune.storage_path={root}/searches",
+               # every fake node is on this machine's disk: declared shared, as an NFS mount would be
+               "--set", f"run.shared_paths=[{root}]", "--set", "scaling.custom_resources={fake_gpu: 1}",
+               "--set", "train.max_failures=0", *arguments]
+    return submit(cluster["address"], cluster["env"], None, *command)
+
+
+def test_training_job_scales_up_trains_across_nodes_and_scales_down(autoscaling_cluster, shards):
+    cluster = autoscaling_cluster
+    result = cluster_job(cluster, shards, "--set", "scaling.num_workers=2", "--set", "run.name=scaled",
+                         "--set", "train.precision=fp32")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    summary = json.loads((cluster["root"] / "runs" / "scaled" / "summary.json").read_text())
+    assert summary["epochs"] == 2 and os.path.exists(summary["export"])
+    # One Ray Train worker per autoscaled node: the all-reduce crossed raylets.
+    nodes = {worker["node_id"] for worker in summary["workers"]}
+    assert len(summary["workers"]) == 2 and len(nodes) == 2
+    # Idle nodes are removed after idle_timeout_minutes: back to the head alone.
+    counts = watch_nodes(cluster, lambda count: count == 1, timeout=IDLE_SECONDS + 120)
+    assert counts[-1] == 1, counts
+
+
+def test_two_trials_run_at_once_on_different_nodes(autoscaling_cluster, shards):
+    cluster = autoscaling_cluster
+    result = cluster_job(cluster, shards, "--set", "tune.name=spread", "--set", "tune.max_concurrent_trials=2",
+                         "--set", "tune.scheduler=fifo", "--set", "tune.num_samples=1", "--set", "train.epochs=1",
+                         "--set", "tune.space={train.learning_rate: {grid: [0.05, 0.02]}}",
+                         script="jobs/tune.py", config="configs/search-smoke.yaml")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    search = cluster["root"] / "searches" / "spread"
+    summary = json.loads((search / "summary.json").read_text())
+    assert summary["completed"] == 2
+    runs = [json.loads(path.read_text()) for path in (search / "trials").glob("*/summary.json")]
+    nodes = {run["workers"][0]["node_id"] for run in runs}
+    assert len(nodes) == 2  # each trial's worker had a fake GPU node of its own
+    started = [os.path.getmtime(search / "trials" / run["run"] / "config.yaml") for run in runs]
+    ended = [os.path.getmtime(search / "trials" / run["run"] / "summary.json") for run in runs]
+    assert max(started) < min(ended)  # both were running at the same time
