@@ -9,8 +9,9 @@
 2. The smoke search (``configs/search-smoke.yaml``, 4 trials of 3 epochs, 2 at a time, ASHA):
    wall time and trials per hour.
 3. ``--real``: configs/search.yaml (the fast recipe's ResNet-18, width 64) on
-   ``--real-images-per-class`` images per class for ``--real-epochs`` epochs per trial, with its
-   results table: learning rate, warm-up, weight decay and label smoothing.
+   ``--real-images-per-class`` images per class for ``--real-epochs`` epochs per trial at global
+   batch ``--real-batch``, with its results table: learning rate, warm-up, weight decay and label
+   smoothing.
 
 Every command runs as its own process, one after another, each with its own local Ray.
 Results are printed and written to ``<work>/tune-benchmark.json``.
@@ -71,6 +72,9 @@ def main():
     parser.add_argument("--real-images-per-class", type=int, default=100)
     parser.add_argument("--real-epochs", type=int, default=2)
     parser.add_argument("--real-samples", type=int, default=8)
+    parser.add_argument("--real-batch", type=int, default=64,
+                        help="global batch of the real search: enough optimizer steps on a small subset "
+                             "(the learning rate follows by the recipe's linear scaling rule)")
     parser.add_argument("--only-real", action="store_true", help="skip parts 1 and 2")
     args = parser.parse_args()
     args.real = args.real or args.only_real
@@ -90,6 +94,7 @@ def main():
             f"data.output={args.work}/data-real", f"run.storage_path={args.work}/runs",
             f"tune.storage_path={args.work}/searches", "tune.name=real", f"train.epochs={args.real_epochs}",
             f"tune.num_samples={args.real_samples}", "tune.max_concurrent_trials=2", "run.progress_seconds=120",
+            f"train.global_batch_size={args.real_batch}",
             # warm-up (the recipe's 2 epochs, and the searched range) stays below the shortened budget
             f"train.warmup_epochs={args.real_epochs / 4:g}",
             f"tune.space.train.warmup_epochs={{uniform: [0.0, {args.real_epochs / 2:g}]}}")],

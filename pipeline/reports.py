@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from pipeline import storage
 
@@ -159,6 +160,7 @@ def plot_trial_curves(curves: dict[str, list[tuple[int, float]]], metric: str, p
         epochs, values = zip(*points) if points else ((), ())
         axes.plot(epochs, values, marker="o", markersize=3, linewidth=1.2, label=trial)
     axes.set_title(f"{metric} per epoch, every trial")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("epoch")
     axes.set_ylabel(metric)
     axes.grid(True, alpha=0.3)
@@ -172,7 +174,7 @@ def plot_parameters(points: list[dict], dimensions, metric: str, path: str) -> s
     log-uniform key gets a log axis; choices and grids are placed at evenly spaced positions."""
     columns = min(3, max(1, len(dimensions)))
     rows = math.ceil(len(dimensions) / columns)
-    figure = Figure(figsize=(4.2 * columns, 3.4 * rows))
+    figure = Figure(figsize=(4.4 * columns, 3.4 * rows), layout="constrained")
     for index, dimension in enumerate(dimensions):
         axes = figure.add_subplot(rows, columns, index + 1)
         values = [point[dimension.key] for point in points]
@@ -181,6 +183,11 @@ def plot_parameters(points: list[dict], dimensions, metric: str, path: str) -> s
             axes.scatter(values, scores, s=22)
             if dimension.log_scale:
                 axes.set_xscale("log")
+                axes.xaxis.set_minor_formatter(NullFormatter())  # labels on decades only
+            low, high = dimension.values
+            margin = (high / low) ** 0.05 if dimension.log_scale else None
+            axes.set_xlim(*((low / margin, high * margin) if margin else (low - 0.05 * (high - low),
+                                                                          high + 0.05 * (high - low))))
         else:
             labels = [str(value) for value in dimension.values]
             axes.scatter([labels.index(str(value)) if str(value) in labels else -1 for value in values], scores, s=22)

@@ -13,7 +13,7 @@ import os
 
 import ray
 
-from pipeline import TENSORFLOW_ENV
+from pipeline import TENSORFLOW_ENV, PipelineError
 
 WORKER_ENV_VARS = {
     **TENSORFLOW_ENV,
@@ -57,7 +57,10 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     kwargs = {"runtime_env": runtime_env(), "log_to_driver": True}
     if address:
-        ray.init(address=address, **kwargs)
+        try:
+            ray.init(address=address, **kwargs)
+        except ConnectionError as error:
+            raise PipelineError(join_failure(address, error, os.environ)) from None
     else:
         _started_locally = True
         # With the dashboard, as a Ray user expects: it also serves the State API, without which Ray
@@ -68,6 +71,17 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
 # Logical CPUs kept free of training workers for the Ray Data tasks that feed them: reserving
 # every CPU for workers starves the input pipeline and the run hangs.
 INGEST_CPUS = 2
+
+
+def join_failure(address: str, error: Exception, environ) -> str:
+    """One line for a cluster that refused us. Ray >= 2.59 clusters are usually token-protected,
+    and Ray's client sends its token only if ``RAY_AUTH_MODE=token`` is set here too."""
+    message = f"could not join the Ray cluster at {address} ({error})"
+    if environ.get("RAY_AUTH_MODE") != "token":
+        message += ("; if the cluster uses token authentication (Ray logs 'InvalidAuthToken' above), set "
+                    "RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN, or the file ~/.ray/auth_token) "
+                    "in this shell")
+    return message
 
 
 def local_cpus_for_training(config, trials: int = 1) -> int:

@@ -54,3 +54,15 @@ def test_relative_output_in_a_submitted_job_is_refused_before_work(head, tmp_pat
     assert "error: run.storage_path=artifacts/runs is a relative path, and this job runs in Ray's temporary " \
            "copy of its working directory" in output
     assert "Traceback" not in output and not (tmp_path / "data").exists()
+
+
+def test_joining_without_the_token_says_what_to_set(head, tmp_path):
+    env = {key: value for key, value in head["env"].items() if key not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    env["HOME"] = str(tmp_path)  # and no ~/.ray/auth_token
+    result = subprocess.run(["python", os.path.join(REPO, "jobs/train.py"), "--config",
+                             os.path.join(REPO, "configs/smoke.yaml"), "--address", head["gcs"]],
+                            env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: could not join the Ray cluster at {head['gcs']}")
+    assert "set RAY_AUTH_MODE=token and its token" in last and "Traceback" not in result.stderr
