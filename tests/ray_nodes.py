@@ -77,10 +77,12 @@ def worker_node(gcs: str, env: dict, num_cpus: int, expected_nodes: int, temp_di
 
 
 def alive_nodes(gcs: str, env: dict) -> int:
-    script = ("import ray; ray.init(address='%s', logging_level='ERROR'); "
-              "print(sum(n['Alive'] for n in ray.nodes()))" % gcs)
+    script = ("import ray; ray.init(address='%s', logging_level='ERROR', log_to_driver=False); "
+              "print('ALIVE_NODES', sum(n['Alive'] for n in ray.nodes()))" % gcs)
     result = subprocess.run(["python", "-c", script], env=env, capture_output=True, text=True, timeout=120)
-    return int(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 else 0
+    # The autoscaler's event lines ("Resized to 0 CPUs") may share stdout with the count.
+    counts = [line.split()[-1] for line in result.stdout.splitlines() if line.startswith("ALIVE_NODES ")]
+    return int(counts[-1]) if result.returncode == 0 and counts else 0
 
 
 def submit(address: str, env: dict, working_dir: str | None, *command: str, timeout: int = 900,

@@ -16,11 +16,13 @@ import pytest
 import yaml
 
 from ray_nodes import alive_nodes, cluster_env, free_port, submit
+from s3_server import s3_server
 from synthetic_data import make_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.cluster
 IDLE_SECONDS = 12
+BUCKET = "s3://autoscaling-test"
 
 
 def fake_cluster_config(gcs_address: str) -> dict:
@@ -50,11 +52,18 @@ def fake_cluster_config(gcs_address: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def autoscaling_cluster(tmp_path_factory):
+def bucket_env():
+    """An S3 server every node reaches (the autoscaler starts its nodes with the head's environment)."""
+    with s3_server(BUCKET.removeprefix("s3://")) as env:
+        yield env
+
+
+@pytest.fixture(scope="module")
+def autoscaling_cluster(tmp_path_factory, bucket_env):
     import ray._private.services
 
     root = tmp_path_factory.mktemp("autoscaling")
-    env = {**cluster_env(), "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    env = {**cluster_env(), **bucket_env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
     port = free_port()
     gcs = f"{ray._private.services.get_node_ip_address()}:{port}"
     # Short: Ray's socket paths live under it, and a Unix socket path has at most 107 characters.
@@ -124,6 +133,11 @@ def cluster_job(cluster, source, *arguments, script="jobs/train.py", config="con
     return submit(cluster["address"], cluster["env"], None, *command)
 
 
+def history_improved(run_dir) -> bool:
+    history = json.loads((run_dir / "history.json").read_text())
+    return [row["epoch"] for row in history] == [1, 2] and history[-1]["loss"] < history[0]["loss"]
+
+
 def test_training_job_scales_up_trains_across_nodes_and_scales_down(autoscaling_cluster, shards):
     cluster = autoscaling_cluster
     result = cluster_job(cluster, shards, "--set", "scaling.num_workers=2", "--set", "run.name=scaled",
@@ -132,6 +146,8 @@ def test_training_job_scales_up_trains_across_nodes_and_scales_down(autoscaling_
     assert result.returncode == 0, output[-4000:]
     summary = json.loads((cluster["root"] / "runs" / "scaled" / "summary.json").read_text())
     assert summary["epochs"] == 2 and os.path.exists(summary["export"])
+    assert history_improved(cluster["root"] / "runs" / "scaled")
+    assert summary["evaluation"]["rows"] == 12  # rank 0 evaluates every test row, none dropped by the split
     # One Ray Train worker per autoscaled node: the all-reduce crossed raylets.
     nodes = {worker["node_id"] for worker in summary["workers"]}
     assert len(summary["workers"]) == 2 and len(nodes) == 2
@@ -157,3 +173,32 @@ def test_two_trials_run_at_once_on_different_nodes(autoscaling_cluster, shards):
     started = [os.path.getmtime(search / "trials" / run["run"] / "config.yaml") for run in runs]
     ended = [os.path.getmtime(search / "trials" / run["run"] / "summary.json") for run in runs]
     assert max(started) < min(ended)  # both were running at the same time
+
+
+def test_batch_inference_across_nodes_from_and_to_s3(autoscaling_cluster, shards, bucket_env):
+    """Decode tasks and two model actors on autoscaled nodes, images in and predictions out of a
+    bucket: every file classified exactly once."""
+    cluster = autoscaling_cluster
+    model = cluster["root"] / "runs" / "scaled"
+    assert (model / "export" / "metadata.json").exists()  # trained by the first test of this module
+    upload = subprocess.run(["python", "-c", (
+        "import sys; from pipeline import storage; storage.upload_dir(sys.argv[1], sys.argv[2])"),
+        os.path.join(shards, "train"), f"{BUCKET}/photos"], env={**os.environ, **bucket_env},
+        capture_output=True, text=True, timeout=120)
+    assert upload.returncode == 0, upload.stderr[-2000:]
+    result = submit(cluster["address"], cluster["env"], None, "python", os.path.join(REPO, "jobs/predict.py"),
+                    "--model", str(model), "--input", f"{BUCKET}/photos", "--output", f"{BUCKET}/predictions/",
+                    "--set", f"run.shared_paths=[{cluster['root']}]", "--set", "infer.num_actors=2",
+                    "--set", "infer.batch_size=16")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    check = subprocess.run(["python", "-c", (
+        "import json, sys, pyarrow.parquet as pq; from pipeline import storage\n"
+        "fs, inner = storage.filesystem(sys.argv[1] + 'predictions')\n"
+        "paths = pq.read_table(inner, filesystem=fs).column('path').to_pylist()\n"
+        "print(json.dumps({'paths': paths, 'summary': storage.read_json(sys.argv[1] + 'summary.json')}))"),
+        f"{BUCKET}/predictions/"], env={**os.environ, **bucket_env}, capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0, check.stderr[-2000:]
+    found = json.loads(check.stdout.strip().splitlines()[-1])
+    assert found["summary"]["files_seen"] == 72 and found["summary"]["classified"] == 72
+    assert len(found["paths"]) == 72 == len(set(found["paths"]))  # each file exactly once
