@@ -59,12 +59,12 @@ def head_node(temp_dir: str, env: dict, num_cpus: int, extra: tuple = ()):
 
 
 @contextlib.contextmanager
-def worker_node(gcs: str, env: dict, num_cpus: int, expected_nodes: int, temp_dir: str):
+def worker_node(gcs: str, env: dict, num_cpus: int, expected_nodes: int, temp_dir: str, extra: tuple = ()):
     # Its own temp dir, as on a machine of its own: nodes sharing one would share Ray's runtime-env
     # cache, and one node's clean-up would delete the working dir of a job running on another.
     worker = subprocess.Popen(["ray", "start", f"--address={gcs}", "--block", f"--num-cpus={num_cpus}",
                                f"--temp-dir={temp_dir}", f"--dashboard-agent-listen-port={free_port()}",
-                               "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL,
+                               "--disable-usage-stats", *extra], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 240

@@ -79,4 +79,4 @@ def test_every_stage_on_s3(source, s3_environment, s3_ray, tmp_path):
     assert result["accuracy"] is not None  # class folders in the bucket label the images
     predictions = list(csv.DictReader(io.StringIO(storage.read_text(f"{BUCKET}/predictions.csv"))))
     assert len(predictions) == 32 and all(row["path"].startswith(f"{BUCKET}/photos/class_") for row in predictions)
-    assert json.loads(storage.read_text(f"{BUCKET}/predictions.csv.summary.json"))["classified"] == 32
+    assert json.loads(storage.read_text(f"{BUCKET}/predictions.summary.json"))["classified"] == 32

@@ -16,6 +16,7 @@ then ``results.csv``/``results.json``, ``best.yaml``, ``plots/`` and ``summary.j
 from __future__ import annotations
 
 import hashlib
+import tempfile
 import threading
 import time
 
@@ -243,8 +244,9 @@ def train_trial(params: dict, *, base: dict, search_dir: str, forward_checkpoint
     start_from = tune.get_checkpoint()
     name, origin = trial_id, None
     if start_from is not None:
-        origin = _checkpoint_origin(start_from)
         name = f"{trial_id}-{hashlib.sha1(start_from.path.encode()).hexdigest()[:8]}"
+        start_from = _settled_copy(start_from, storage.join(search_dir, "trials", name, "start_checkpoint"))
+        origin = _checkpoint_origin(start_from)
     results.record_segment(search_dir, trial_id, {"run": name, "from": origin, "params": params})
     config = trial_config(base, params)  # a bad combination fails this trial, with the key named
     config.run.name = name
@@ -291,6 +293,35 @@ class ReportCheckpointsToTune(UserCallback):
 
     def after_report(self, run_context, metrics, checkpoint):
         self.queue.put((metrics[0], checkpoint))
+
+
+CHECKPOINT_PARTS = ("state.json", "metadata.json", "tf_checkpoint")
+
+
+def _settled_copy(checkpoint, target: str, attempts: int = 10):
+    """A complete copy of a checkpoint Tune handed over, in this run's folder. Tune may be
+    re-writing the source folder at this moment (a trial restarted from its own checkpoint
+    persists it again), so a copy is taken only once every part is there, and retried."""
+    import os
+    import shutil
+
+    for attempt in range(attempts):
+        try:
+            with checkpoint.as_directory() as local:
+                if all(os.path.exists(os.path.join(local, part)) for part in CHECKPOINT_PARTS):
+                    staging = tempfile.mkdtemp(prefix="start-checkpoint-")
+                    try:
+                        shutil.copytree(local, staging, dirs_exist_ok=True)
+                        if all(os.path.exists(os.path.join(staging, part)) for part in CHECKPOINT_PARTS):
+                            storage.delete(target)
+                            storage.upload_dir(staging, target)
+                            return tune.Checkpoint(target)
+                    finally:
+                        shutil.rmtree(staging, ignore_errors=True)
+        except (OSError, shutil.Error):
+            pass  # parts vanished while copying: the source is being re-written
+        time.sleep(3)
+    raise PipelineError(f"the checkpoint {checkpoint.path} handed over by Tune stayed incomplete")
 
 
 def _checkpoint_origin(checkpoint) -> dict:
