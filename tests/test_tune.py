@@ -105,7 +105,9 @@ def test_best_yaml_trains_unchanged_with_the_best_trials_config(asha_search, tra
 
 def test_pbt_continues_a_trial_from_a_better_trials_checkpoint(source, tmp_path, training_ray):
     config = load_config(SMOKE_SEARCH, search_overrides(source, tmp_path, "pbt") + [
-        "tune.scheduler=pbt", "tune.perturbation_interval=1", "train.epochs=3", "tune.num_samples=2",
+        # Four epochs: three perturbation points (the last epoch only finishes), so that one of the
+        # two trials is below the other while the other holds a checkpoint at least once.
+        "tune.scheduler=pbt", "tune.perturbation_interval=1", "train.epochs=4", "tune.num_samples=2",
         "tune.space={train.learning_rate: {uniform: [0.01, 0.06]}}"])
     summary = run_search(config)
     rows = rows_of(summary)
@@ -128,7 +130,7 @@ def test_pbt_continues_a_trial_from_a_better_trials_checkpoint(source, tmp_path,
     assert rate != first["params"]["train.learning_rate"]
     assert rate not in [segment["params"]["train.learning_rate"] for segment in segments(source_trial)]
     history = storage.read_json(os.path.join(row["run_dir"], "history.json"))
-    assert [entry["epoch"] for entry in history] == [1, 2, 3]
+    assert [entry["epoch"] for entry in history] == [1, 2, 3, 4]
 
 
 def test_optuna_search_with_relative_paths(source, tmp_path, training_ray, monkeypatch):
