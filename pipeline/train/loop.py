@@ -18,9 +18,10 @@ import os
 import tempfile
 import time
 
+import numpy as np
+
 import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import ray.train
-import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 

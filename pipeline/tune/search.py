@@ -16,6 +16,8 @@ then ``results.csv``/``results.json``, ``best.yaml``, ``plots/`` and ``summary.j
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import tempfile
 import threading
 import time
@@ -302,9 +304,6 @@ def _settled_copy(checkpoint, target: str, attempts: int = 10):
     """A complete copy of a checkpoint Tune handed over, in this run's folder. Tune may be
     re-writing the source folder at this moment (a trial restarted from its own checkpoint
     persists it again), so a copy is taken only once every part is there, and retried."""
-    import os
-    import shutil
-
     for attempt in range(attempts):
         try:
             with checkpoint.as_directory() as local:
