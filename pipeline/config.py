@@ -28,9 +28,11 @@ class ConfigError(ValueError):
     """A configuration value or file is invalid; the message names the key."""
 
 
-def param(default, help: str, *, min=None, max=None, choices=None, min_exclusive=False):
-    """A config field with its documentation and validation rules beside the default."""
-    metadata = {"help": help, "min": min, "max": max, "choices": choices, "min_exclusive": min_exclusive}
+def param(default, help: str, *, min=None, max=None, choices=None, min_exclusive=False, auto=False):
+    """A config field with its documentation and validation rules beside the default. ``auto``:
+    the word ``auto`` is accepted besides values of the field's type (decided per device later)."""
+    metadata = {"help": help, "min": min, "max": max, "choices": choices, "min_exclusive": min_exclusive,
+                "auto": auto}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -114,9 +116,17 @@ class TrainConfig:
     cutout: int = param(0, "augmentation: zero one random square of this side (pixels; 0 = off)", min=0)
     precision: str = param(
         "fp32", "fp32 | bf16 (mixed_bfloat16: CPUs with AMX/AVX-512 bf16, A100+ GPUs) | fp16 "
-        "(mixed_float16 + loss scaling, older GPUs) | auto (each worker picks the fastest its device "
-        "runs well: bf16 or fp16 on GPUs by compute capability, bf16 on CPUs with bf16 units, else fp32)",
+        "(mixed_float16 + loss scaling, older GPUs) | auto (decided once per run: the mixed precision "
+        "every worker's device runs fast, bf16 on Ampere+ GPUs and CPUs with bf16 units, fp16 on "
+        "Volta/Turing, else fp32)",
         choices=["auto", "fp32", "bf16", "fp16"])
+    steps_per_execution: int = param(
+        "auto", "optimizer steps per call into TensorFlow (Keras steps_per_execution); auto: 1 on CPUs, "
+        "where a step dwarfs the per-call overhead, 16 with GPUs, where per-step Python and kernel "
+        "launches would leave the GPU idle between short steps", min=1, auto=True)
+    jit_compile: bool = param(
+        "auto", "compile the train step with XLA; auto: on with GPUs (fused kernels), off on CPUs "
+        "(measured slower there, see BENCHMARKS.md)", auto=True)
     shuffle_buffer_size: int = param(
         10000, "rows in each worker's local shuffle buffer, on top of a per-epoch block-order shuffle", min=0)
     checkpoint_every_epochs: int = param(1, "report a checkpoint every N epochs (and at the last)", min=1)
@@ -130,7 +140,10 @@ class TrainConfig:
 class ScalingConfig:
     num_workers: int = param(1, "Ray Train workers (one TensorFlow replica each)", min=1)
     use_gpu: bool = param(False, "give each worker GPUs")
-    gpus_per_worker: float = param(1.0, "GPUs per worker when use_gpu", min=0.0)
+    gpus_per_worker: float = param(
+        1.0, "GPUs per worker when use_gpu: a fraction below 1 lets workers share a GPU (small models); "
+        "a whole number N >= 2 makes each worker N replicas (one per GPU), each taking "
+        "global_batch_size / (num_workers x N) examples per step", min=0.0, min_exclusive=True)
     cpus_per_worker: float = param(
         1.0, "CPUs reserved per worker (TensorFlow still uses all cores of its node)", min=0.0)
     custom_resources: dict = param(
@@ -160,7 +173,9 @@ class InferConfig:
     output: Optional[str] = param(None, "predictions: .csv, .parquet, or a directory of Parquet parts")
     batch_size: int = param(256, "images per model call", min=1)
     num_actors: int = param(1, "model replicas (actors) in the pool", min=1)
-    gpus_per_actor: float = param(0.0, "GPUs per model actor (0 on CPU nodes)", min=0.0)
+    gpus_per_actor: float = param(
+        0.0, "GPUs per model actor: 0 on CPU nodes, 1 for one model replica per GPU (num_actors = GPUs), a "
+        "fraction to share a GPU between actors of a small model", min=0.0, max=1.0)
     cpus_per_actor: float = param(1.0, "CPUs reserved per model actor", min=0.0)
     top_k: int = param(5, "classes listed per image", min=1)
     rows_per_file: int = param(
@@ -231,6 +246,26 @@ def batch_sizes(config: Config) -> tuple[int, int]:
             f"train.global_batch_size={train.global_batch_size} is not divisible by "
             f"scaling.num_workers={workers}; change one, or set train.per_worker_batch_size")
     return train.global_batch_size // workers, train.global_batch_size
+
+
+def replicas_per_worker(config: Config) -> int:
+    """TensorFlow replicas in each worker: MultiWorkerMirroredStrategy mirrors the model on every
+    GPU the worker sees, so a worker holding N GPUs is N replicas; a CPU worker, or one holding a
+    fraction of a GPU, is one."""
+    scaling = config.scaling
+    return int(scaling.gpus_per_worker) if scaling.use_gpu and scaling.gpus_per_worker >= 1 else 1
+
+
+def per_replica_batch_size(config: Config) -> int:
+    """Examples each replica takes per step: what a worker's input pipeline batches by, since every
+    replica draws its own batch from the worker's dataset."""
+    per_worker, _ = batch_sizes(config)
+    replicas = replicas_per_worker(config)
+    if per_worker % replicas:
+        raise ConfigError(
+            f"the per-worker batch ({per_worker}) is not divisible by scaling.gpus_per_worker={replicas:g} "
+            f"(one replica per GPU); choose a global batch divisible by num_workers x gpus_per_worker")
+    return per_worker // replicas
 
 
 def scaled_learning_rate(config: Config) -> float:
@@ -328,7 +363,7 @@ def _section(config: Config, name: str):
 
 
 def _set(section, section_name: str, key: str, value) -> None:
-    setattr(section, key, _coerce(f"{section_name}.{key}", value, field_type(f"{section_name}.{key}")))
+    setattr(section, key, check_value(f"{section_name}.{key}", value, check_rules=False))
 
 
 def field_type(dotted: str):
@@ -350,17 +385,21 @@ def field_base_type(dotted: str) -> type:
     return typing.get_origin(hint) or hint
 
 
-def check_value(dotted: str, value):
+def check_value(dotted: str, value, check_rules: bool = True):
     """``value`` coerced to the type of ``section.key`` and checked against its range and choices,
     exactly as a recipe or ``--set`` value would be; raises ConfigError naming the key."""
-    value = _coerce(dotted, value, field_type(dotted))
+    hint = field_type(dotted)
     section_name, _, key = dotted.partition(".")
     rules = next(f.metadata for f in dataclasses.fields(_section(Config(), section_name)) if f.name == key)
-    _check_rules(dotted, value, rules)
+    if rules.get("auto") and value == "auto":
+        return value
+    value = _coerce(dotted, value, hint, or_auto=bool(rules.get("auto")))
+    if check_rules:
+        _check_rules(dotted, value, rules)
     return value
 
 
-def _coerce(dotted: str, value, hint):
+def _coerce(dotted: str, value, hint, or_auto: bool = False):
     optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
     if optional:
         if value is None:
@@ -378,7 +417,7 @@ def _coerce(dotted: str, value, hint):
     if not ok:
         wanted = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
                   list: "a list such as [30, 60]", dict: "a mapping of key: value"}[base]
-        raise ConfigError(f"config key '{dotted}' must be {wanted}, got {value!r}")
+        raise ConfigError(f"config key '{dotted}' must be {wanted}{' or auto' if or_auto else ''}, got {value!r}")
     return float(value) if base is float else value
 
 
@@ -394,7 +433,11 @@ def validate(config: Config) -> None:
     if (train.global_batch_size is None) == (train.per_worker_batch_size is None):
         raise ConfigError("set exactly one of train.global_batch_size and train.per_worker_batch_size "
                           "(the other is derived from scaling.num_workers); set the other to null")
-    batch_sizes(config)
+    per_replica_batch_size(config)
+    gpus = config.scaling.gpus_per_worker
+    if config.scaling.use_gpu and gpus > 1 and gpus != int(gpus):
+        raise ConfigError(f"scaling.gpus_per_worker={gpus:g}: above 1 it must be a whole number of GPUs "
+                          "(Ray shares only fractions of a single GPU)")
     if not all(isinstance(e, int) and e > 0 for e in train.step_epochs):
         raise ConfigError(f"config key 'train.step_epochs' must be a list of positive epochs, got {train.step_epochs!r}")
     if train.lr_schedule == "step" and not train.step_epochs:
@@ -408,7 +451,7 @@ def validate(config: Config) -> None:
 
 
 def _check_rules(dotted: str, value, rules) -> None:
-    if value is None:
+    if value is None or (rules.get("auto") and value == "auto"):
         return
     if rules.get("choices") and value not in rules["choices"]:
         raise ConfigError(f"config key '{dotted}' must be one of {rules['choices']}, got {value!r}"

@@ -334,13 +334,21 @@ class Predictor:
     """Callable class for ``Dataset.map_batches``: loads the model once per actor, then maps
     {"path", "image" uint8 (N, H, W, 3)[, "label" int]} -> the prediction columns above."""
 
-    def __init__(self, model_path: str, top_k: int):
+    def __init__(self, model_path: str, top_k: int, gpus: float = 0.0, facts_dir: Optional[str] = None):
+        from pipeline import accelerators
         from pipeline.models.saving import load_model
 
+        # Before the model touches a device: none if the actor holds no GPU (Ray no longer hides
+        # the node's GPUs from it), memory growth where fractional actors share one.
+        accelerators.hide_unrequested_gpus(gpus)
+        devices = accelerators.visible_gpus()
         self.model, metadata = load_model(model_path)
         self.class_names = np.asarray(metadata["class_names"], dtype=str)
         self.image_size = int(metadata["image_size"])
         self.top_k = min(int(top_k), len(self.class_names))
+        if facts_dir:
+            facts = accelerators.process_facts(devices)
+            storage.write_json(storage.join(facts_dir, f"actor-{facts['node_id'][:12]}-{facts['pid']}.json"), facts)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = batch["image"]
@@ -585,8 +593,9 @@ def _path_blocks(paths: list[str], labels: Optional[np.ndarray], batch_size: int
 
 
 def build_dataset(paths: list[str], labels: Optional[np.ndarray], model_dir: str, image_size: int,
-                  errors_dir: str, settings):
-    """The lazy Ray Data pipeline: paths -> decode tasks -> model actor pool -> prediction rows."""
+                  errors_dir: str, settings, facts_dir: Optional[str] = None):
+    """The lazy Ray Data pipeline: paths -> decode tasks -> model actor pool -> prediction rows.
+    Each model actor records where it ran and which devices it saw in ``facts_dir``."""
     import ray
 
     paths_dataset = ray.data.from_arrow(_path_blocks(paths, labels, settings.batch_size))
@@ -604,7 +613,8 @@ def build_dataset(paths: list[str], labels: Optional[np.ndarray], model_dir: str
     )
     return decoded.map_batches(
         Predictor,
-        fn_constructor_kwargs={"model_path": model_dir, "top_k": settings.top_k},
+        fn_constructor_kwargs={"model_path": model_dir, "top_k": settings.top_k, "gpus": settings.gpus_per_actor,
+                               "facts_dir": facts_dir},
         batch_size=settings.batch_size,
         compute=ray.data.ActorPoolStrategy(size=settings.num_actors),
         num_cpus=settings.cpus_per_actor,
@@ -676,7 +686,8 @@ def run_inference(config: Config, address: Optional[str] = None) -> dict:
                   f"actor(s) x {settings.cpus_per_actor:g} CPU / {settings.gpus_per_actor:g} GPU")
         clock = time.perf_counter()
         files_seen = len(paths)
-        predictions = build_dataset(paths, labels, model_dir, image_size, staged_errors, settings)
+        staged_actors = storage.join(layout.staging, "actors")
+        predictions = build_dataset(paths, labels, model_dir, image_size, staged_errors, settings, staged_actors)
         del paths, labels  # the object store holds the path blocks now; the driver needs neither list
         predictions.write_parquet(staged_predictions, min_rows_per_file=settings.rows_per_file)
         stage_seconds["decode_and_classify"] = round(time.perf_counter() - clock, 3)
@@ -697,6 +708,8 @@ def run_inference(config: Config, address: Optional[str] = None) -> dict:
                                           layout.confusion_matrix)
             outputs["confusion_matrix"] = layout.confusion_matrix
         outputs["summary"] = layout.summary
+        actors = [storage.read_json(storage.join(staged_actors, name)) for name in storage.list_dir(staged_actors)
+                  if name.endswith(".json")]
         stage_seconds["write_outputs"] = round(time.perf_counter() - clock, 3)
     finally:
         storage.delete(layout.staging)
@@ -716,6 +729,7 @@ def run_inference(config: Config, address: Optional[str] = None) -> dict:
         "stage_seconds": stage_seconds,
         "settings": {key: getattr(settings, key) for key in
                      ("batch_size", "num_actors", "cpus_per_actor", "gpus_per_actor", "top_k", "rows_per_file")},
+        "actors": actors,
         "outputs": outputs,
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -19,6 +19,8 @@ WORKER_ENV_VARS = {
     **TENSORFLOW_ENV,
     # Ray Train V2 is the default in current Ray; pin it so a cluster default cannot change the API.
     "RAY_TRAIN_V2_ENABLED": "1",
+    # A task or actor that asked for no GPU gets CUDA_VISIBLE_DEVICES="" again (pipeline/accelerators.py).
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1",
 }
 
 
@@ -46,9 +48,10 @@ def started_locally() -> bool:
     return _started_locally or not ray.is_initialized()
 
 
-def connect(address: str | None = None, num_cpus: int | None = None) -> None:
+def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
     """Join the cluster named by ``address`` / ``RAY_ADDRESS`` (set inside ``ray job submit``),
-    or start a local embedded Ray with this machine's resources."""
+    or start a local embedded Ray with this machine's resources (``num_cpus``/``num_gpus``: as
+    ``ray.init``, detected when None)."""
     global _started_locally
     for key, value in WORKER_ENV_VARS.items():
         os.environ.setdefault(key, value)
@@ -65,7 +68,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         _started_locally = True
         # With the dashboard, as a Ray user expects: it also serves the State API, without which Ray
         # Train's placement-group cleaner cannot watch its controller and warns every few seconds.
-        ray.init(num_cpus=num_cpus, include_dashboard=True, **kwargs)
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, **kwargs)
 
 
 # Logical CPUs kept free of training workers for the Ray Data tasks that feed them: reserving

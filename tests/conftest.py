@@ -1,5 +1,7 @@
 """Fixtures shared by the test modules that train on a real local Ray."""
 
+import contextlib
+
 import pytest
 import ray
 
@@ -17,7 +19,20 @@ def source(tmp_path_factory):
 @pytest.fixture(scope="module")
 def training_ray():
     """A local Ray for the module: two 1-CPU training workers (or trials) plus the CPUs that
-    Ray Data's input tasks need beside them."""
-    runtime.connect(num_cpus=runtime.INGEST_CPUS + 2)
-    yield
-    ray.shutdown()
+    Ray Data's input tasks need beside them, on what looks like a node with two GPUs (see
+    ``gpu_node_environment``)."""
+    with gpu_node_environment() as gpus:
+        runtime.connect(num_cpus=runtime.INGEST_CPUS + 2, num_gpus=gpus)
+        yield
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def gpu_node_environment(gpus: int = 2):
+    """The environment of a GPU node's raylet: Ray is told of ``gpus`` GPUs and the processes it
+    starts inherit ``CUDA_VISIBLE_DEVICES=0,1``, as on a real GPU machine. Ray rewrites the variable
+    for processes that hold GPUs; one that asked for none must not see them (pipeline.accelerators).
+    TensorFlow here finds no CUDA device either way, so the runs themselves work on CPUs."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(gpus))))
+        yield gpus

@@ -30,6 +30,9 @@ def test_overrides_parse_yaml_values():
     assert (config.train.epochs, config.train.step_epochs, config.run.name) == (3, [1, 2], "x")
     assert config.train.seed is None and config.train.learning_rate == 1.0
     assert config.recipe == "fast"
+    assert (config.train.steps_per_execution, config.train.jit_compile) == ("auto", "auto")
+    tuned = load_config("configs/fast.yaml", ["train.steps_per_execution=8", "train.jit_compile=true"])
+    assert (tuned.train.steps_per_execution, tuned.train.jit_compile) == (8, True)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -43,6 +46,11 @@ def test_overrides_parse_yaml_values():
     ("data.val_fraction=0.95", "<= 0.9"),
     ("train.epochs", "section.key=value"),
     ("scaling.collective=nccl", "needs scaling.use_gpu"),
+    ("train.steps_per_execution=often", "must be an integer or auto, got 'often'"),
+    ("train.steps_per_execution=0", "must be >= 1"),
+    ("train.jit_compile=maybe", "must be true or false or auto"),
+    ("scaling.gpus_per_worker=0", "must be > 0"),
+    ("infer.gpus_per_actor=2", "must be <= 1"),  # one model replica per GPU: more actors instead
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -22,6 +22,7 @@ import pipeline  # noqa: F401  (before TensorFlow: tf-keras)
 from pipeline import infer
 from pipeline.config import Config, load_config, to_dict
 from pipeline.data.images import decode_image
+from conftest import gpu_node_environment
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_SIZE = 8
@@ -138,13 +139,15 @@ def labelled_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def local_ray():
+    """A local Ray that looks like a node with two GPUs (``conftest.gpu_node_environment``)."""
     import ray
 
     from pipeline import runtime
 
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env=runtime.runtime_env())
-    yield
-    ray.shutdown()
+    with gpu_node_environment() as gpus:
+        ray.init(num_cpus=2, num_gpus=gpus, include_dashboard=False, runtime_env=runtime.runtime_env())
+        yield
+        ray.shutdown()
 
 
 def _direct_predictions(model, paths: list[str]) -> np.ndarray:
@@ -273,8 +276,22 @@ def test_csv_output_matches_model_predict_and_lists_broken_files(local_ray, expo
     assert (summary["classified"], summary["failed"]) == (len(GOOD_FILES), len(BROKEN_FILES))
     assert summary["labelled"] is False and summary["accuracy"] is None
     assert summary["images_per_second"] > 0
+    # On a GPU node, the CPU model actors (gpus_per_actor 0) saw no GPU.
+    assert len(summary["actors"]) == 2
+    assert all(actor["cuda_visible_devices"] == "" and actor["gpus"] == [] for actor in summary["actors"])
     assert json.loads((tmp_path / "out" / "predictions.summary.json").read_text()) == summary
     _no_staging_left(tmp_path / "out")
+
+
+def test_gpu_actors_see_only_the_gpu_ray_gave_them(local_ray, exported_model, mixed_folder, tmp_path):
+    # Half a GPU each: both actors fit on the two declared GPUs, each sees one device id.
+    folder, _ = exported_model
+    output = tmp_path / "predictions.csv"
+    summary = infer.run_inference(_config(folder, mixed_folder, output, num_actors=2, cpus_per_actor=0.5,
+                                          gpus_per_actor=0.5))
+    assert summary["classified"] == len(GOOD_FILES)
+    visible = [actor["cuda_visible_devices"] for actor in summary["actors"]]
+    assert len(visible) == 2 and set(visible) <= {"0", "1"}, visible
 
 
 def test_labelled_folder_parquet_reports_accuracy(local_ray, exported_model, labelled_folder, tmp_path):

@@ -10,6 +10,9 @@ import time
 import numpy as np
 import psutil
 import pytest
+import ray.train
+from ray import cloudpickle
+from ray.train.tensorflow import TensorflowTrainer
 
 import pipeline  # noqa: F401
 from pipeline import storage
@@ -37,9 +40,15 @@ def test_one_worker_trains_checkpoints_and_exports(source, tmp_path, training_ra
     config = smoke_config(source, tmp_path, "run.name=one")
     summary = run_training(config)
     run_dir = summary["run_dir"]
+    # On a (declared) GPU node, a worker that asked for no GPU saw none: one replica, on its CPU.
+    [worker] = summary["workers"]
+    assert worker["cuda_visible_devices"] == "" and worker["gpus"] == []
+    assert (worker["replicas"], worker["replicas_in_sync"]) == (1, 1)
+    assert (worker["collective"], worker["steps_per_execution"], worker["jit_compile"]) == ("ring", 1, False)
 
     history = storage.read_json(os.path.join(run_dir, "history.json"))
     assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert {row["precision"] for row in history} == {worker["precision"]} == {summary["precision"]} - {None}
     for key in ("loss", "accuracy", "top5_accuracy", "val_loss", "val_accuracy", "val_top5_accuracy", "lr",
                 "images_per_second"):
         assert all(np.isfinite(row[key]) for row in history), key
@@ -123,6 +132,35 @@ def test_stopped_run_resumes_at_the_right_epoch(source, tmp_path):
     # came back from the checkpoint unchanged.
     assert history[:len(done_before)] == done_before
     assert storage.read_json(os.path.join(run_dir, "summary.json"))["epochs"] == 4
+
+
+def precision_probe(loop_config):
+    """A Ray Train worker loop that only decides the run's precision, as the training loop does."""
+    from pipeline import storage
+    from pipeline.train import devices
+
+    rank = ray.train.get_context().get_world_rank()
+    strategy = devices.make_strategy("ring")
+    # As if rank 0 were an A100 (bf16 and fp16 tensor cores) and rank 1 a V100 (fp16 only).
+    fast = {"bf16", "fp16"} if rank == 0 else {"fp16"}
+    storage.write_json(os.path.join(loop_config["out"], f"rank-{rank}.json"), {
+        "precision": devices.agreed_precision(strategy, "auto", fast),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")})
+
+
+def test_workers_agree_on_one_precision_and_see_their_own_gpu(training_ray, tmp_path):
+    # Each worker alone would pick its own (bf16 on rank 0, fp16 on rank 1): replicas in different
+    # dtypes, one loss-scaled. Decided once, by all-reduce, both train in fp16.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    trainer = TensorflowTrainer(
+        precision_probe, train_loop_config={"out": str(tmp_path)},
+        scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=True, resources_per_worker={"CPU": 1, "GPU": 1}),
+        run_config=ray.train.RunConfig(name="probe", storage_path=str(tmp_path / "runs")))
+    trainer.fit()
+    records = [storage.read_json(os.path.join(tmp_path, f"rank-{rank}.json")) for rank in (0, 1)]
+    assert [record["precision"] for record in records] == ["fp16", "fp16"]
+    # Ray gave each GPU worker one of the node's two GPUs, and only that one.
+    assert sorted(record["cuda_visible_devices"] for record in records) == ["0", "1"]
 
 
 def test_a_diverged_history_is_the_runs_error():

@@ -43,7 +43,10 @@ def test_augment_flips_and_keeps_labels():
     np.testing.assert_array_equal(out_labels.numpy(), labels)
 
 
-@pytest.mark.parametrize("rows, workers, batch, drop, expected", [
-    (45000, 1, 256, True, 175), (45000, 2, 128, True, 175), (5001, 2, 100, False, 25), (10, 3, 4, True, 0)])
-def test_steps_per_epoch_matches_rays_equal_split(rows, workers, batch, drop, expected):
-    assert inputs.steps_per_epoch(rows, workers, batch, drop) == expected
+@pytest.mark.parametrize("rows, workers, batch, replicas, drop, expected", [
+    (45000, 1, 256, 1, True, (175, 175)), (45000, 2, 128, 1, True, (175, 175)), (5001, 2, 100, 1, False, (25, 25)),
+    (10, 3, 4, 1, True, (0, 0)),
+    # Two GPUs per worker: global batch 256 over 2 workers is 64 per replica, two batches per step.
+    (45000, 2, 64, 2, True, (175, 350)), (5001, 2, 100, 2, False, (13, 25))])
+def test_steps_and_batches_match_rays_equal_split(rows, workers, batch, replicas, drop, expected):
+    assert inputs.steps_and_batches(rows, workers, batch, replicas, drop) == expected

@@ -77,10 +77,18 @@ class Manifest:
         use_v2 = getattr(context, "use_datasource_v2", False)
         context.use_datasource_v2 = False
         try:
-            return ray.data.read_parquet(inner_paths, filesystem=filesystem, columns=["id", "label", "image"])
+            return ray.data.read_parquet(inner_paths, filesystem=filesystem, columns=["id", "label", "image"],
+                                         num_cpus=READ_TASK_CPUS)
         finally:
             if use_v2:
                 context.use_datasource_v2 = use_v2
+
+
+# A read task only parses Parquet pages (pixels are unpacked in the consumer), so a quarter CPU is
+# plenty. With Ray's default of one CPU, a read fits only on a node with a whole CPU free: on two
+# 1-CPU nodes each running a 0.5-CPU training worker, the cluster had a CPU free in two halves,
+# the read task never started and training waited for input forever (benchmarks/multinode_benchmark.py).
+READ_TASK_CPUS = 0.25
 
 
 def open_manifest(output: str) -> Manifest:

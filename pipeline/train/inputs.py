@@ -7,7 +7,7 @@ uint8 until the model's first layer: a quarter of the bytes of float32 on the wa
 
 Every worker must run the same number of steps, or the all-reduce of the shorter one hangs:
 Ray Train splits the dataset into equal shards and we drop each shard's last partial batch, so
-``steps_per_epoch = (rows // num_workers) // per_worker_batch_size`` on every worker.
+``steps = (rows // num_workers) // per_worker_batch_size`` on every worker (``steps_and_batches``).
 """
 
 from __future__ import annotations
@@ -21,11 +21,19 @@ from pipeline.config import TrainConfig
 from pipeline.data.manifest import images_from_column
 
 
-def steps_per_epoch(rows: int, num_workers: int, per_worker_batch_size: int, drop_remainder: bool) -> int:
+def steps_and_batches(rows: int, num_workers: int, per_replica_batch_size: int, local_replicas: int,
+                      drop_remainder: bool) -> tuple[int, int]:
+    """(steps per epoch, batches each worker's dataset yields). A step takes one batch per replica
+    from the worker's dataset: a worker mirrored over N GPUs consumes N batches per step, so
+    counting its batches as steps would end the epoch after 1/N of the data."""
     rows_per_worker = rows // num_workers  # Ray's equal split drops the remainder rows
     if drop_remainder:
-        return rows_per_worker // per_worker_batch_size
-    return -(-rows_per_worker // per_worker_batch_size)
+        steps = rows_per_worker // (per_replica_batch_size * local_replicas)
+        return steps, steps * local_replicas
+    # Evaluation keeps every row: the last step may leave some replicas without a batch, which
+    # tf.distribute fills with empty ones.
+    batches = -(-rows_per_worker // per_replica_batch_size)
+    return -(-batches // local_replicas), batches
 
 
 def shard_to_dataset(shard, *, image_size: int, num_classes: int, batch_size: int, steps: int,

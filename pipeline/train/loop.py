@@ -26,18 +26,11 @@ import tensorflow as tf
 import tf_keras as keras
 
 from pipeline import storage
-from pipeline.config import batch_sizes, from_dict, scaled_learning_rate
+from pipeline.config import batch_sizes, from_dict, per_replica_batch_size, replicas_per_worker, scaled_learning_rate
 from pipeline.models.resnet import build_model
 from pipeline.models.saving import model_metadata, restore_checkpoint, save_export, write_checkpoint
-from pipeline.train import inputs
+from pipeline.train import devices, inputs
 from pipeline.train.schedules import schedule_from_config
-
-PRECISION_POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
-COLLECTIVES = {
-    "auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
-    "ring": tf.distribute.experimental.CommunicationImplementation.RING,
-    "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL,
-}
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -47,31 +40,35 @@ def train_loop_per_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
 
-    # Device placement: Ray gives each GPU worker its own CUDA_VISIBLE_DEVICES, and MWMS uses
-    # whatever GPUs the process sees. Memory growth (set before TensorFlow touches a GPU) lets
-    # fractional gpus_per_worker share a device instead of the first worker taking all its memory.
-    gpus = tf.config.list_physical_devices("GPU")
-    if config.scaling.use_gpu and not gpus:
-        raise RuntimeError(f"scaling.use_gpu=true but worker {rank} sees no GPU (CUDA_VISIBLE_DEVICES="
-                           f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); check the cluster's GPU nodes")
-    for gpu in gpus:
-        tf.config.experimental.set_memory_growth(gpu, True)
+    # Device placement, replicas, precision and collective: see pipeline/train/devices.py.
+    scaling = config.scaling
+    gpus = devices.local_gpus(scaling, rank)
     # Several workers on one node would each start a full-size thread pool and thrash the cores.
     threads = max(1, (os.cpu_count() or 1) // context.get_local_world_size())
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     if config.train.seed is not None:
         keras.utils.set_random_seed(config.train.seed)  # same initial weights on every worker
 
-    record_worker(run_dir, context, gpus)
-    precision = resolve_precision(config.train.precision, gpus)
-    keras.mixed_precision.set_global_policy(PRECISION_POLICIES[precision])
-    strategy = tf.distribute.MultiWorkerMirroredStrategy(
-        communication_options=tf.distribute.experimental.CommunicationOptions(
-            implementation=COLLECTIVES[config.scaling.collective]))
+    collective = devices.collective(scaling.collective, scaling.use_gpu)
+    strategy = devices.make_strategy(collective)
+    local_replicas = replicas_per_worker(config)
+    if strategy.num_replicas_in_sync != world_size * local_replicas:
+        raise RuntimeError(f"worker {rank}: {strategy.num_replicas_in_sync} replicas in sync, expected "
+                           f"{world_size} worker(s) x {local_replicas}; the workers see different devices")
+    precision = devices.agreed_precision(strategy, config.train.precision, devices.fast_precisions(gpus))
+    keras.mixed_precision.set_global_policy(devices.PRECISION_POLICIES[precision])
+    steps_per_execution = devices.steps_per_execution(config.train.steps_per_execution, scaling.use_gpu)
+    jit_compile = devices.jit_compile(config.train.jit_compile, scaling.use_gpu)
+    storage.write_json(storage.join(run_dir, "workers", f"rank-{rank:03d}.json"), devices.worker_facts(
+        context, gpus, strategy, precision=precision, collective=collective,
+        steps_per_execution=steps_per_execution, jit_compile=jit_compile))
 
-    per_worker_batch, global_batch = batch_sizes(config)
+    _, global_batch = batch_sizes(config)
+    replica_batch = per_replica_batch_size(config)
     num_classes, image_size = len(dataset_info["class_names"]), dataset_info["image_size"]
-    train_steps = inputs.steps_per_epoch(dataset_info["rows"]["train"], world_size, per_worker_batch, True)
+    # Each step takes one batch per local replica from this worker's dataset.
+    train_steps, train_batches = inputs.steps_and_batches(
+        dataset_info["rows"]["train"], world_size, replica_batch, local_replicas, drop_remainder=True)
     if train_steps == 0:
         raise ValueError(f"the train split ({dataset_info['rows']['train']} rows) is smaller than one global "
                          f"batch ({global_batch}); lower train.global_batch_size")
@@ -81,17 +78,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
     def train_dataset_fn(_):
         dataset = inputs.shard_to_dataset(
             ray.train.get_dataset_shard("train"), image_size=image_size, num_classes=num_classes,
-            batch_size=per_worker_batch, steps=train_steps, shuffle_buffer_size=config.train.shuffle_buffer_size)
+            batch_size=replica_batch, steps=train_batches, shuffle_buffer_size=config.train.shuffle_buffer_size)
         return inputs.prefetch(inputs.augment(dataset, config.train, dataset_info["mean"] or [0, 0, 0]))
 
     val_dataset_fn, validation_steps = None, None
     if dataset_info["rows"].get("val"):
-        validation_steps = inputs.steps_per_epoch(dataset_info["rows"]["val"], world_size, per_worker_batch, False)
+        validation_steps, validation_batches = inputs.steps_and_batches(
+            dataset_info["rows"]["val"], world_size, replica_batch, local_replicas, drop_remainder=False)
 
         def val_dataset_fn(_):
             return inputs.prefetch(inputs.shard_to_dataset(
                 ray.train.get_dataset_shard("val"), image_size=image_size, num_classes=num_classes,
-                batch_size=per_worker_batch, steps=validation_steps, drop_remainder=False))
+                batch_size=replica_batch, steps=validation_batches, drop_remainder=False))
 
     with strategy.scope():
         model = build_model(config.model, num_classes=num_classes, image_size=image_size,
@@ -99,7 +97,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         optimizer = make_optimizer(config, train_steps, precision)
         model.compile(optimizer=optimizer, loss=keras.losses.CategoricalCrossentropy(
                           label_smoothing=config.train.label_smoothing),
-                      metrics=metrics(num_classes))
+                      metrics=metrics(num_classes), steps_per_execution=steps_per_execution,
+                      jit_compile=jit_compile)
         optimizer.build(model.trainable_variables)  # slots exist before a restore fills them
 
     initial_epoch, history = 0, []
@@ -145,42 +144,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
         finish(weights, config, dataset_info, metadata, run_dir)
 
 
-def record_worker(run_dir: str, context, gpus) -> None:
-    """``<run>/workers/rank-N.json``: where this worker ran and which devices it saw, so that a
-    user can check what really ran (gathered into summary.json by the driver)."""
-    import socket
-
-    rank = context.get_world_rank()
-    storage.write_json(storage.join(run_dir, "workers", f"rank-{rank:03d}.json"), {
-        "rank": rank, "local_rank": context.get_local_rank(), "node_rank": context.get_node_rank(),
-        "node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
-        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-        "gpus": [gpu.name for gpu in gpus]})
-
-
-def resolve_precision(requested: str, gpus) -> str:
-    """``auto`` -> the mixed precision this worker's device runs fast; anything else as asked.
-
-    bfloat16 needs hardware support to pay off: on a CPU without AMX/AVX-512 bf16 units (e.g. AMD
-    Zen 3, older Xeons) TensorFlow emulates it and training gets several times slower than fp32.
-    """
-    if requested != "auto":
-        return requested
-    if gpus:
-        major, _ = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))
-        return "bf16" if major >= 8 else "fp16"  # Ampere+ has bf16 tensor cores; Volta/Turing fp16 only
-    return "bf16" if cpu_has_bf16_units() else "fp32"
-
-
-def cpu_has_bf16_units() -> bool:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
-    except OSError:  # not Linux: no cheap way to tell, fp32 is the safe choice
-        return False
-    return bool({"amx_bf16", "avx512_bf16"} & set(flags))
-
-
 def make_optimizer(config, steps_per_epoch: int, precision: str):
     train = config.train
     schedule = schedule_from_config(train, scaled_learning_rate(config), steps_per_epoch)
@@ -217,6 +180,9 @@ class ReportToRayTrain(keras.callbacks.Callback):
 
     def __init__(self, *, config, metadata, history, run_dir, rank, images_per_epoch, precision):
         super().__init__()
+        # Batch hooks read no values, so Keras may pass its logs as tensors: without this flag it
+        # converts them to numpy after every step, a host sync that serialises GPU execution.
+        self._supports_tf_logs = True
         self.config, self.metadata, self.history, self.run_dir = config, metadata, history, run_dir
         self.rank, self.images_per_epoch, self.precision = rank, images_per_epoch, precision
 
@@ -289,6 +255,7 @@ class ProgressLog(keras.callbacks.Callback):
         super().__init__()
         self.epochs, self.steps, self.global_batch, self.interval, self.clock = (
             epochs, steps, global_batch, interval, clock)
+        self._supports_tf_logs = True  # values are read (a host sync) only when a line is due
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
@@ -348,12 +315,12 @@ def finish(weights, config, dataset_info, metadata, run_dir) -> None:
     if dataset_info["rows"].get(split):
         rows = dataset_info["rows"][split]
         per_worker_batch, _ = batch_sizes(config)
+        steps, _ = inputs.steps_and_batches(rows, 1, per_worker_batch, 1, drop_remainder=False)
         # Unsplit dataset (see run.py): rank 0 reads every row of it, nothing is dropped.
         dataset = inputs.prefetch(inputs.shard_to_dataset(
             ray.train.get_dataset_shard(f"{split}_full"), image_size=dataset_info["image_size"],
             num_classes=len(dataset_info["class_names"]), batch_size=per_worker_batch,
-            steps=inputs.steps_per_epoch(rows, 1, per_worker_batch, False), drop_remainder=False))
-        steps = inputs.steps_per_epoch(rows, 1, per_worker_batch, False)
+            steps=steps, drop_remainder=False))
         started = time.perf_counter()
         results = serving_model.evaluate(dataset, steps=steps, return_dict=True, verbose=0)
         evaluation.update({key: float(value) for key, value in results.items()})
