@@ -1,8 +1,11 @@
-"""Two real Ray nodes on this machine (a head and a worker, token-authenticated): what a
-single node never shows. Jobs that would fail late or hang on several nodes stop before work."""
+"""Two real Ray nodes on this machine (a head and a worker, token-authenticated), and `ray job
+submit` to them for real, with the repository as working directory: what a single node never
+shows. Jobs that would fail late or hang on several nodes stop before work; a client without the
+token is refused and told what to set."""
 
 import json
 import os
+import subprocess
 import time
 
 import pytest
@@ -49,6 +52,38 @@ def test_workers_taking_every_cpu_are_refused_instead_of_hanging(two_nodes, tmp_
             "leaving none for the Ray Data tasks") in output, output[-3000:]
 
 
+def test_job_without_the_token_is_refused(two_nodes):
+    env = {**two_nodes["env"], "RAY_AUTH_TOKEN": "not-the-token"}
+    result = subprocess.run(["ray", "job", "list", "--address", two_nodes["address"]], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+
+
+def test_relative_output_in_a_submitted_job_is_refused_before_work(two_nodes, tmp_path):
+    # Relative to the job's working dir: Ray's unpacked copy of the repository, which it deletes.
+    result = submit(two_nodes["address"], two_nodes["env"], REPO,
+                    "python", "jobs/train.py", "--config", "configs/smoke.yaml",
+                    "--set", f"data.source={tmp_path}/none", "--set", f"data.output={tmp_path}/data",
+                    "--set", f"run.shared_paths=[{tmp_path}]")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "error: run.storage_path=artifacts/runs is a relative path, and this job runs in Ray's temporary " \
+           "copy of its working directory" in output, output[-3000:]
+    assert "Traceback" not in output and not (tmp_path / "data").exists()
+
+
+def test_joining_without_the_token_says_what_to_set(two_nodes, tmp_path):
+    env = {key: value for key, value in two_nodes["env"].items() if key not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    env["HOME"] = str(tmp_path)  # and no ~/.ray/auth_token
+    result = subprocess.run(["python", os.path.join(REPO, "jobs/train.py"), "--config",
+                             os.path.join(REPO, "configs/smoke.yaml"), "--address", two_nodes["gcs"]],
+                            env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: could not join the Ray cluster at {two_nodes['gcs']}")
+    assert "set RAY_AUTH_MODE=token and its token" in last and "Traceback" not in result.stderr
+
+
 def test_two_workers_on_two_one_cpu_nodes_train(two_nodes, source, tmp_path):
     # One worker per node at 0.5 CPU leaves half a CPU on each: enough for Ray Data's read tasks
     # only if they ask for less than a whole CPU. With Ray's default of 1 this run waited forever.
@@ -62,6 +97,10 @@ def test_two_workers_on_two_one_cpu_nodes_train(two_nodes, source, tmp_path):
                     timeout=600)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
-    summary = json.loads((tmp_path / "runs" / "halves" / "summary.json").read_text())
-    assert summary["epochs"] == 1
+    assert "succeeded" in output
+    run_dir = tmp_path / "runs" / "halves"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs"] == 1 and summary["evaluation"]["rows"] == 32
     assert len({worker["node_id"] for worker in summary["workers"]}) == 2  # one worker per node
+    assert (run_dir / "export" / "metadata.json").exists()
+    assert (tmp_path / "data" / "manifest.json").exists()  # the data stage ran first, inside the job

@@ -1,4 +1,4 @@
-"""Training on a real local Ray: one worker, fp16 loss scaling, checkpoints, a killed run resumed,
+"""Training on a real local Ray: one worker in fp16 with loss scaling, checkpoints, a killed run resumed,
 export, and the CLI. Two workers (one per node, ring all-reduce across raylets): test_autoscaling."""
 
 import contextlib
@@ -37,7 +37,9 @@ def checkpoints(run_dir):
 
 
 def test_one_worker_trains_checkpoints_and_exports(source, tmp_path, training_ray):
-    config = smoke_config(source, tmp_path, "run.name=one")
+    # fp16 (mixed_float16 with a loss-scale optimizer) is the GPU path; it runs, slowly, on a CPU
+    # too, and its checkpoint restore and float32 export are what this run checks.
+    config = smoke_config(source, tmp_path, "run.name=one", "train.precision=fp16")
     summary = run_training(config)
     run_dir = summary["run_dir"]
     # On a (declared) GPU node, a worker that asked for no GPU saw none: one replica, on its CPU.
@@ -82,14 +84,6 @@ def checkpoints_by_epoch(run_dir):
     epochs = {name: storage.read_json(os.path.join(run_dir, name, "state.json"))["epoch"]
               for name in checkpoints(run_dir) if os.path.exists(os.path.join(run_dir, name, "state.json"))}
     return sorted(epochs, key=epochs.get)
-
-
-def test_fp16_loss_scaling_path_runs_on_cpu(source, tmp_path, training_ray):
-    # mixed_float16 + LossScaleOptimizer is the GPU path; it runs (slowly) on a CPU too.
-    config = smoke_config(source, tmp_path, "run.name=fp16", "train.precision=fp16", "train.epochs=1")
-    summary = run_training(config)
-    history = storage.read_json(os.path.join(summary["run_dir"], "history.json"))
-    assert np.isfinite(history[0]["loss"])
 
 
 def test_stopped_run_resumes_at_the_right_epoch(source, tmp_path):

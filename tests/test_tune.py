@@ -166,7 +166,7 @@ def test_a_search_whose_every_trial_fails_exits_with_the_reason(source, tmp_path
 def test_killed_search_resumes_without_training_finished_trials_again(source, tmp_path):
     arguments = [sys.executable, os.path.join(REPO, "jobs/tune.py"), "--config", SMOKE_SEARCH]
     for override in search_overrides(source, tmp_path, "resume") + [
-            "tune.scheduler=fifo", "tune.max_concurrent_trials=1", "train.epochs=2",
+            "tune.scheduler=fifo", "tune.max_concurrent_trials=1", "train.epochs=1",
             "tune.space={train.learning_rate: {grid: [0.05, 0.02]}}", "tune.num_samples=1"]:
         arguments += ["--set", override]
     search_dir = tmp_path / "searches" / "resume"
