@@ -115,7 +115,11 @@ def connect_and_check(config, args, num_cpus: int | None = None) -> None:
     from pipeline import preflight, runtime
 
     runtime.connect(args.address, num_cpus=num_cpus)
-    preflight.check(config, args.command, preflight.cluster_facts())
+    facts = preflight.cluster_facts()
+    preflight.check(config, args.command, facts)
+    note = preflight.waiting_note(config, args.command, facts)
+    if note:
+        print(note, flush=True)
 
 
 def print_training_summary(summary: dict) -> None:

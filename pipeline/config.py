@@ -133,7 +133,10 @@ class TrainConfig:
     checkpoints_to_keep: int = param(
         1, "best checkpoints kept by val_accuracy; the latest is always kept as well", min=1)
     max_failures: int = param(2, "restarts from the latest checkpoint after a worker dies", min=-1)
-    seed: Optional[int] = param(0, "seed of weights, shuffling and augmentation (null: random)", min=0)
+    seed: Optional[int] = param(
+        0, "seed of the initial weights, the augmentation and each worker's shuffle buffer (per epoch); "
+        "null: all random. The block order Ray Data streams is reshuffled at random every epoch either way",
+        min=0)
 
 
 @dataclass

@@ -319,9 +319,9 @@ def _write_error_part(errors: list[tuple[str, str]], errors_dir: str) -> None:
 
     table = pa.table({"path": [str(path) for path, _ in errors], "reason": [reason for _, reason in errors]},
                      schema=ERROR_SCHEMA)
-    fs, inner = storage.filesystem(errors_dir)
     # A unique name per batch: a retried task adds a duplicate part, removed when combining.
-    pq.write_table(table, f"{inner}/{uuid.uuid4().hex}.parquet", filesystem=fs)
+    with storage.open_output(storage.join(errors_dir, f"{uuid.uuid4().hex}.parquet")) as stream:
+        pq.write_table(table, stream)
 
 
 # ---------------------------------------------------------------- the model (Ray Data actors)
@@ -453,27 +453,15 @@ def _parquet_dataset(folder: str, schema: Optional[pa.Schema] = None):
 
 
 def _write_table(table: pa.Table, path: str, file_format: str) -> None:
-    """Write ``table`` as CSV or Parquet at ``path``: locally under a temporary name then renamed,
-    so the name only ever points at a whole file; on object stores a single upload is already
-    all-or-nothing (a multipart upload is only visible once completed)."""
+    """Write ``table`` as CSV or Parquet at ``path``, all or nothing (``storage.open_output``)."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    fs, inner = storage.filesystem(path)
-    local = isinstance(fs, pafs.LocalFileSystem)
-    fs.create_dir(posixpath.dirname(inner), recursive=True)
-    target = f"{inner}.tmp-{uuid.uuid4().hex[:8]}" if local else inner
-    try:
-        with fs.open_output_stream(target) as stream:
-            if file_format == "csv":
-                pacsv.write_csv(table, stream)
-            else:
-                pq.write_table(table, stream)
-        if local:
-            os.replace(target, inner)
-    finally:
-        if local and os.path.exists(target):
-            os.remove(target)
+    with storage.open_output(path) as stream:
+        if file_format == "csv":
+            pacsv.write_csv(table, stream)
+        else:
+            pq.write_table(table, stream)
 
 
 def _move_parts(source: str, target: str) -> None:

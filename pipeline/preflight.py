@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from pipeline import runtime, storage
@@ -55,6 +55,7 @@ class ClusterFacts:
     gpus: float
     driver_node_cpus: float      # CPUs of the node this driver runs on
     working_dir: Optional[str]   # Ray's copy of a submitted job's working directory, else None
+    node_resources: list = field(default_factory=list)  # each alive node's total resources
 
     @property
     def multi_node(self) -> bool:
@@ -71,7 +72,8 @@ def cluster_facts() -> ClusterFacts:
     resources = ray.cluster_resources()
     return ClusterFacts(local=runtime.started_locally(), nodes=len(alive), autoscaling=_autoscaler_running(),
                         cpus=resources.get("CPU", 0.0), gpus=resources.get("GPU", 0.0),
-                        driver_node_cpus=driver_cpus, working_dir=_job_working_dir())
+                        driver_node_cpus=driver_cpus, working_dir=_job_working_dir(),
+                        node_resources=[dict(node["Resources"]) for node in alive])
 
 
 def _autoscaler_running() -> bool:
@@ -160,6 +162,7 @@ def _preprocessed(config: Config) -> bool:
 
 def _check_resources(config: Config, stage: str, facts: ClusterFacts) -> None:
     scaling = config.scaling
+    _check_one_worker_fits_a_node(scaling, facts)
     runs = 1
     if stage == "tune":
         from pipeline.tune.search import concurrent_trials_that_fit
@@ -182,6 +185,62 @@ def _check_resources(config: Config, stage: str, facts: ClusterFacts) -> None:
             f"Lower scaling.cpus_per_worker (TensorFlow uses every core of its node whatever is reserved, "
             f"e.g. --set scaling.cpus_per_worker=0.5), lower the workers{' or tune.max_concurrent_trials' if runs > 1 else ''}, "
             f"or add CPUs")
+
+
+def worker_request(scaling) -> dict:
+    """What one training worker asks Ray for (as ``run_training`` passes it to Ray Train)."""
+    request = {"CPU": scaling.cpus_per_worker, **scaling.custom_resources}
+    if scaling.use_gpu:
+        request["GPU"] = scaling.gpus_per_worker
+    return {name: amount for name, amount in request.items() if amount}
+
+
+def _check_one_worker_fits_a_node(scaling, facts: ClusterFacts) -> None:
+    """A worker is placed on one node: a request larger than every node (4 GPUs per worker on
+    1-GPU nodes) waits forever on a cluster that cannot grow, however many nodes it has."""
+    if not facts.node_resources:
+        return
+    request = worker_request(scaling)
+    if any(all(node.get(name, 0.0) >= amount for name, amount in request.items()) for node in facts.node_resources):
+        return
+    largest = {name: max(node.get(name, 0.0) for node in facts.node_resources) for name in request}
+    wanted = ", ".join(f"{amount:g} {name}" for name, amount in request.items())
+    offered = ", ".join(f"{amount:g} {name}" for name, amount in largest.items())
+    raise ConfigError(
+        f"one training worker asks for {wanted} (scaling.cpus_per_worker, gpus_per_worker, custom_resources), "
+        f"and no node of this cluster has that much (the most any node has: {offered}), nor an autoscaler to "
+        f"add one: the run would wait forever. Lower the per-worker request (more workers, fewer GPUs each), "
+        f"or add larger nodes")
+
+
+def workers_that_fit(request: dict, nodes: list[dict], wanted: int) -> int:
+    """How many workers of ``request`` the nodes' total resources hold, placed greedily."""
+    free = [dict(node) for node in nodes]
+    placed = 0
+    for _ in range(wanted):
+        node = next((node for node in free if all(node.get(k, 0.0) >= v for k, v in request.items())), None)
+        if node is None:
+            break
+        for name, amount in request.items():
+            node[name] -= amount
+        placed += 1
+    return placed
+
+
+def waiting_note(config: Config, stage: str, facts: ClusterFacts) -> Optional[str]:
+    """On an autoscaling cluster a request the nodes up now cannot hold is a wait, not an error:
+    the pending workers are the demand that makes the autoscaler add nodes. Say so, so that a
+    quiet job is not mistaken for a hung one."""
+    if stage not in ("train", "tune") or facts.local or not facts.autoscaling or not facts.node_resources:
+        return None
+    request = worker_request(config.scaling)
+    wanted = config.scaling.num_workers * ((config.tune.max_concurrent_trials or 1) if stage == "tune" else 1)
+    fit = workers_that_fit(request, facts.node_resources, wanted)
+    if fit >= wanted:
+        return None
+    asked = ", ".join(f"{amount:g} {name}" for name, amount in request.items())
+    return (f"the cluster's {facts.nodes} node(s) hold {fit} of the {wanted} training workers ({asked} each) now: "
+            f"waiting for the autoscaler to add nodes (`ray status` shows the pending demand)")
 
 
 def _runs(runs: int) -> str:

@@ -4,18 +4,23 @@ Every stage reads and writes through these helpers so that a run's data and outp
 a laptop disk or in a bucket shared by a cluster without the stage knowing which. Local paths are
 made absolute, because Ray workers (and ``ray job submit --working-dir``) run in other folders.
 
-Writes of small files are atomic: locally a temporary file is renamed over the target; on object
-stores a single PUT is already all-or-nothing. A reader therefore never sees half a manifest.
+Every write is all-or-nothing (``open_output``): the bytes go to a temporary name beside the
+target and are moved over it only when the writer finished without an exception. On object stores
+this matters as much as locally: pyarrow's output stream completes its (multipart) upload when it
+is closed, also when an exception is leaving the ``with`` block, which would publish a partial
+object under the final name. A reader therefore never sees half a manifest, shard or predictions file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
 import shutil
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 import pyarrow.fs as pafs
 
@@ -98,20 +103,32 @@ def read_json(path: str):
     return json.loads(read_text(path))
 
 
+@contextlib.contextmanager
+def open_output(path: str) -> Iterator:
+    """A pyarrow output stream whose bytes appear at ``path`` only if the ``with`` block finishes:
+    written under a temporary name in the same folder, then renamed (local disk: atomic) or moved
+    (object stores: a server-side copy, then the temporary is deleted). On an exception the
+    target is left as it was and the temporary is removed."""
+    fs, inner = filesystem(path)
+    parent, name = posixpath.split(inner) if is_uri(path) else os.path.split(inner)
+    fs.create_dir(parent, recursive=True)
+    temporary = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with fs.open_output_stream(temporary) as stream:
+            yield stream
+        if isinstance(fs, pafs.LocalFileSystem):
+            with open(temporary, "rb+") as handle:  # on disk before the rename makes it visible
+                os.fsync(handle.fileno())
+        fs.move(temporary, inner)
+    finally:
+        if fs.get_file_info(temporary).type != pafs.FileType.NotFound:
+            fs.delete_file(temporary)
+
+
 def write_bytes(path: str, data: bytes) -> None:
     """Atomic write: readers see the old file or the whole new one, never a part."""
-    fs, inner = filesystem(path)
-    fs.create_dir(posixpath.dirname(inner) if is_uri(path) else os.path.dirname(inner), recursive=True)
-    if isinstance(fs, pafs.LocalFileSystem):
-        temporary = f"{inner}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, inner)
-    else:
-        with fs.open_output_stream(inner) as stream:
-            stream.write(data)
+    with open_output(path) as stream:
+        stream.write(data)
 
 
 def write_text(path: str, text: str) -> None:

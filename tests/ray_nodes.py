@@ -27,7 +27,7 @@ def cluster_env() -> dict:
     return env
 
 
-def _stop(process: subprocess.Popen) -> None:
+def stop_node(process: subprocess.Popen) -> None:
     # --block: SIGTERM makes `ray start` stop exactly the processes it started. A node that ran
     # jobs can take half a minute to stop gracefully; nothing here needs that grace, so whatever
     # is left of the node's process group (its own session) after a few seconds is killed.
@@ -60,7 +60,7 @@ def head_node(temp_dir: str, env: dict, num_cpus: int, extra: tuple = ()):
             time.sleep(2)
         yield {"address": dashboard, "gcs": f"127.0.0.1:{gcs_port}", "env": env}
     finally:
-        _stop(head)
+        stop_node(head)
 
 
 @contextlib.contextmanager
@@ -78,7 +78,7 @@ def worker_node(gcs: str, env: dict, num_cpus: int, expected_nodes: int, temp_di
             time.sleep(2)
         yield
     finally:
-        _stop(worker)
+        stop_node(worker)
 
 
 def alive_nodes(gcs: str, env: dict) -> int:

@@ -7,7 +7,6 @@ idle nodes are removed afterwards. Every node is a real raylet process."""
 import json
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -15,7 +14,7 @@ import time
 import pytest
 import yaml
 
-from ray_nodes import alive_nodes, cluster_env, free_port, submit
+from ray_nodes import alive_nodes, cluster_env, free_port, stop_node, submit
 from s3_server import s3_server
 from synthetic_data import make_image_folder
 
@@ -85,11 +84,7 @@ def autoscaling_cluster(tmp_path_factory, bucket_env):
         assert alive_nodes(gcs, env) == 1  # min_workers 0: the head alone
         yield {"address": dashboard, "gcs": gcs, "env": env, "root": root}
     finally:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        stop_node(head)
         # The fake nodes are raylets the head's autoscaler started: stop any it left behind.
         subprocess.run(["pkill", "-f", f"--gcs-address={gcs}"], check=False)
         subprocess.run(["pkill", "-f", f"--gcs_address={gcs}"], check=False)
@@ -144,6 +139,8 @@ def test_training_job_scales_up_trains_across_nodes_and_scales_down(autoscaling_
                          "--set", "train.precision=fp32")
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
+    # The head alone holds no worker: the job said it waits for the autoscaler, not silence.
+    assert "waiting for the autoscaler to add nodes" in output, output[-4000:]
     summary = json.loads((cluster["root"] / "runs" / "scaled" / "summary.json").read_text())
     assert summary["epochs"] == 2 and os.path.exists(summary["export"])
     assert history_improved(cluster["root"] / "runs" / "scaled")

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import time
 import zipfile
 
 import numpy as np
@@ -23,11 +24,12 @@ import pytest
 import ray
 from PIL import Image
 
-from pipeline import runtime
+from pipeline import runtime, storage
 from pipeline.config import ConfigError, load_config
 from pipeline.data import sources
 from pipeline.data.images import decode_image
-from pipeline.data.manifest import ManifestError, images_from_column, open_manifest
+from pipeline.data.manifest import (ManifestError, collect_garbage, images_from_column, lease,
+                                    open_manifest)
 from pipeline.data.preprocess import PreprocessError, run_preprocess, shard_name, split_train_val
 from pipeline.data.sources import Item, SourceError, UnsafeArchive, resolve_source
 
@@ -301,6 +303,34 @@ def test_rerun_reuses_and_config_change_or_force_rebuilds(tmp_path, ray_local, c
     grown = run_preprocess(make_config(tmp_path, f"data.source={root}", "data.val_fraction=0",
                                        "data.rows_per_shard=16"))
     assert grown.rows("train") == 21 and len(shard_folders(output)) == 1
+
+    # A run still reading a build holds a lease on it: a rebuild with other settings (the user's
+    # report: another val_fraction into the same data.output while training) replaces the
+    # manifest but keeps the leased shards, which the run reads to the end.
+    with lease(grown.root, grown.build, "run-still-training"):
+        split_again = run_preprocess(make_config(tmp_path, f"data.source={root}", "data.val_fraction=0.3",
+                                                 "data.rows_per_shard=16"))
+        assert open_manifest(str(output)).build == split_again.build != grown.build
+        assert sorted(shard_folders(output)) == sorted([grown.build, split_again.build])
+        assert read_all_shards(grown)["train"].keys()  # every file the old manifest lists is there
+    # Released: the next build collects it.
+    run_preprocess(make_config(tmp_path, f"data.source={root}", "data.val_fraction=0.3",
+                               "data.rows_per_shard=16"), force=True)
+    assert len(shard_folders(output)) == 1 and grown.build not in shard_folders(output)
+
+
+def test_only_unexpired_leases_keep_a_build(tmp_path):
+    output = str(tmp_path)
+    for build in ("shards-old", "shards-crashed-run", "shards-writing", "shards-current"):
+        storage.write_text(storage.join(output, build, "train", "part-00000.parquet"), "rows")
+    # A holder that crashed an hour ago stopped renewing; a build still being written renews.
+    storage.write_json(storage.join(output, "leases", "shards-crashed-run", "run-x.json"),
+                       {"holder": "run-x", "expires": time.time() - 1})
+    with lease(output, "shards-writing", "build"):
+        assert sorted(collect_garbage(output, keep="shards-current")) == ["shards-crashed-run", "shards-old"]
+        assert sorted(shard_folders(tmp_path)) == ["shards-current", "shards-writing"]
+        assert storage.list_dir(storage.join(output, "leases")) == ["shards-writing"]
+    assert storage.list_dir(storage.join(output, "leases", "shards-writing")) == []  # released
 
 
 def test_crashed_build_leftovers_are_removed_on_commit(tmp_path, ray_local):

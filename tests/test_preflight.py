@@ -120,3 +120,38 @@ def test_a_plain_head_nodes_monitor_is_not_an_autoscaler():
     launcher = {"autoscaler_report": {"active_nodes": {"ray.head.default": 1}, "pending_launches": {"gpu-1x": 2},
                                       "node_type_mapping": {"720a": "ray.head.default"}}}
     assert autoscaler_in_status(launcher)
+
+
+def test_a_worker_larger_than_every_node_is_refused_on_a_fixed_cluster():
+    nodes = [{"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0}, {"CPU": 4.0}]
+    four_gpus = config("data.output=s3://b/d", "run.storage_path=s3://b/r", "scaling.use_gpu=true",
+                       "scaling.gpus_per_worker=4", "train.global_batch_size=64")
+    # Two GPUs in the cluster, but a worker needs four on one node.
+    with pytest.raises(ConfigError, match=r"one training worker asks for 1 CPU, 4 GPU .*the most any node has: "
+                                          r"8 CPU, 1 GPU"):
+        check(four_gpus, "train", facts(nodes=3, cpus=20.0, gpus=2.0, node_resources=nodes))
+    spot = config("data.output=s3://b/d", "run.storage_path=s3://b/r", "scaling.custom_resources={spot: 1}")
+    with pytest.raises(ConfigError, match=r"asks for 1 CPU, 1 spot .* 8 CPU, 0 spot"):
+        check(spot, "train", facts(nodes=3, cpus=20.0, node_resources=nodes))
+    one_gpu = config("data.output=s3://b/d", "run.storage_path=s3://b/r", "scaling.use_gpu=true",
+                     "scaling.num_workers=2")
+    check(one_gpu, "train", facts(nodes=3, cpus=20.0, gpus=2.0, node_resources=nodes))
+    # An autoscaler may add a node that fits: no refusal.
+    check(four_gpus, "train", facts(nodes=3, cpus=20.0, gpus=2.0, node_resources=nodes, autoscaling=True))
+
+
+def test_an_autoscaling_cluster_that_must_grow_first_says_it_is_waiting():
+    from pipeline.preflight import waiting_note
+
+    gpu_job = config("data.output=s3://b/d", "run.storage_path=s3://b/r", "scaling.use_gpu=true",
+                     "scaling.num_workers=4")
+    head_only = [{"CPU": 0.0}]
+    note = waiting_note(gpu_job, "train", facts(nodes=1, cpus=0.0, autoscaling=True, node_resources=head_only))
+    assert note.startswith("the cluster's 1 node(s) hold 0 of the 4 training workers (1 CPU, 1 GPU each) now: "
+                           "waiting for the autoscaler")
+    grown = head_only + [{"CPU": 8.0, "GPU": 4.0}]
+    assert waiting_note(gpu_job, "train", facts(nodes=2, cpus=8.0, gpus=4.0, autoscaling=True,
+                                                 node_resources=grown)) is None
+    # Fixed clusters are refused by check() instead; predictions are not training workers.
+    assert waiting_note(gpu_job, "train", facts(nodes=1, node_resources=head_only)) is None
+    assert waiting_note(gpu_job, "predict", facts(nodes=1, autoscaling=True, node_resources=head_only)) is None

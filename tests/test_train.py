@@ -11,6 +11,7 @@ import numpy as np
 import psutil
 import pytest
 import ray.train
+import yaml
 from ray import cloudpickle
 from ray.train.tensorflow import TensorflowTrainer
 
@@ -19,7 +20,8 @@ from pipeline import storage
 from pipeline.config import load_config
 from pipeline.data.manifest import images_from_column, open_manifest
 from pipeline.models.saving import load_model
-from pipeline.train.run import TrainingDiverged, check_finite, run_training
+from pipeline.train.run import (CheckpointMismatch, TrainingDiverged, check_finite, check_resumable,
+                                run_training)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.cluster
@@ -79,6 +81,13 @@ def test_one_worker_trains_checkpoints_and_exports(source, tmp_path, training_ra
     accuracy = np.mean(exported.predict(images, verbose=0).argmax(1) == np.array([r["label"] for r in rows]))
     assert accuracy > 0.5
 
+    # The same run name with a wider model: its checkpoints cannot be resumed, and the finished
+    # run is left as it was.
+    with pytest.raises(CheckpointMismatch, match=r"run 'one' cannot resume: .* other model \(model\.\*\)"):
+        run_training(smoke_config(source, tmp_path, "run.name=one", "train.precision=fp16", "model.width=16"))
+    assert os.path.exists(os.path.join(run_dir, "summary.json"))
+    assert yaml.safe_load(open(os.path.join(run_dir, "config.yaml")))["model"]["width"] == 8
+
 
 def checkpoints_by_epoch(run_dir):
     epochs = {name: storage.read_json(os.path.join(run_dir, name, "state.json"))["epoch"]
@@ -86,10 +95,13 @@ def checkpoints_by_epoch(run_dir):
     return sorted(epochs, key=epochs.get)
 
 
-def test_stopped_run_resumes_at_the_right_epoch(source, tmp_path):
+def test_stopped_run_resumes_at_the_right_epoch(source, tmp_path, training_ray):
     """Kill a training job after its first checkpoint; the same command again continues from it
-    and ends with exactly the configured number of epochs."""
-    arguments = [sys.executable, os.path.join(REPO, "jobs/train.py"), "--config", os.path.join(REPO, "configs/smoke.yaml"),
+    and ends with exactly the configured number of epochs. The job joins this module's Ray, as a
+    job joins its cluster: killing the driver ends its Train run there (and no Ray start per run)."""
+    address = ray.get_runtime_context().gcs_address
+    arguments = [sys.executable, os.path.join(REPO, "jobs/train.py"), "--address", address,
+                 "--config", os.path.join(REPO, "configs/smoke.yaml"),
                  "--set", f"data.source={source}", "--set", f"data.output={tmp_path}/data",
                  "--set", f"run.storage_path={tmp_path}/runs", "--set", "run.name=resume",
                  "--set", "train.epochs=4", "--set", "train.precision=fp32"]
@@ -103,8 +115,9 @@ def test_stopped_run_resumes_at_the_right_epoch(source, tmp_path):
             break
         time.sleep(0.5)
     assert first.poll() is None, first.stdout.read().decode()[-3000:]
-    # Kill the whole job as a crash would: the driver and everything it started (its local Ray's
-    # raylet, GCS and workers). Never `ray stop`, which would also stop other tests' clusters.
+    # Kill the whole job as a crash would: the driver and everything it started. Ray ends the
+    # driver's actors (the Train controller and workers) when it sees the driver gone. Never
+    # `ray stop`, which would also stop other tests' clusters.
     job = psutil.Process(first.pid)
     for process in [job, *job.children(recursive=True)]:
         with contextlib.suppress(psutil.NoSuchProcess):
@@ -157,11 +170,34 @@ def test_workers_agree_on_one_precision_and_see_their_own_gpu(training_ray, tmp_
     assert sorted(record["cuda_visible_devices"] for record in records) == ["0", "1"]
 
 
+def test_resuming_needs_the_data_and_model_the_checkpoints_were_made_with(tmp_path):
+    identity = {"data": {"source": "a1", "config": "c1"}, "class_names": ["cat", "dog"], "image_size": 32,
+                "normalization": {"mean": [125.3, 123.0, 113.9], "std": [63.0, 62.1, 66.7]},
+                "model": {"name": "resnet18", "width": 64}}
+    run_dir = tmp_path / "run"
+    storage.write_json(str(run_dir / "checkpoint_2026-01-01_00-00-00" / "metadata.json"), {"identity": identity})
+    check_resumable(str(run_dir), "run", identity)  # unchanged: resumes
+    check_resumable(str(run_dir), "run", {**identity, "normalization": {"mean": [125.3 + 1e-12, 123.0, 113.9],
+                                                                          "std": [63.0, 62.1, 66.7]}})
+    moved_split = {**identity, "data": {"source": "a1", "config": "c2"}}
+    with pytest.raises(CheckpointMismatch, match=r"other data \(source or split"):
+        check_resumable(str(run_dir), "run", moved_split)
+    renormalised = {**identity, "normalization": {"mean": [120.0, 123.0, 113.9], "std": [63.0, 62.1, 66.7]},
+                    "class_names": ["cat", "dog", "ship"]}
+    with pytest.raises(CheckpointMismatch, match="other class names; normalisation statistics"):
+        check_resumable(str(run_dir), "run", renormalised)
+    check_resumable(str(tmp_path / "no-checkpoint-yet"), "run", moved_split)
+
+
 def test_a_diverged_history_is_the_runs_error():
     check_finite([{"epoch": 1, "loss": 2.3}], "fine")
     check_finite([{"epoch": 1, "loss": float("inf")}], "fp16 skipped a step")  # weights still finite
-    with pytest.raises(TrainingDiverged, match="run 'lr' diverged in epoch 2: the weights became NaN"):
-        check_finite([{"epoch": 1, "loss": 2.3}, {"epoch": 2, "loss": float("nan"), "lr": 1e30, "diverged": True}], "lr")
+    diverged = [{"epoch": 1, "loss": 2.3}, {"epoch": 2, "loss": float("nan"), "lr": 1e30, "diverged": True}]
+    with pytest.raises(TrainingDiverged, match="run 'lr' diverged in epoch 2: the weights became NaN .*; the last "
+                                               "good checkpoint is /runs/lr/checkpoint_1. Lower"):
+        check_finite(diverged, "lr", "/runs/lr/checkpoint_1")
+    with pytest.raises(TrainingDiverged, match="no checkpoint was written before it"):
+        check_finite(diverged[1:], "lr")
 
 
 def test_cli_rejects_bad_config_before_work(tmp_path):

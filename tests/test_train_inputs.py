@@ -50,3 +50,10 @@ def test_augment_flips_and_keeps_labels():
     (45000, 2, 64, 2, True, (175, 350)), (5001, 2, 100, 2, False, (13, 25))])
 def test_steps_and_batches_match_rays_equal_split(rows, workers, batch, replicas, drop, expected):
     assert inputs.steps_and_batches(rows, workers, batch, replicas, drop) == expected
+
+
+def test_worker_seeds_follow_train_seed_and_differ_per_worker_and_epoch():
+    assert inputs.worker_seed(None, 0) is None and inputs.worker_seed(None, 3, epoch=5) is None  # null: random
+    seeds = {inputs.worker_seed(7, rank, epoch) for rank in range(4) for epoch in range(10)}
+    assert len(seeds) == 40 and all(0 <= seed < 2**31 for seed in seeds)
+    assert inputs.worker_seed(7, 1, 2) == inputs.worker_seed(7, 1, 2) != inputs.worker_seed(8, 1, 2)

@@ -11,6 +11,7 @@ import time
 
 import psutil
 import pytest
+import ray
 import yaml
 
 import pipeline  # noqa: F401
@@ -104,11 +105,13 @@ def test_best_yaml_trains_unchanged_with_the_best_trials_config(asha_search, tra
 
 
 def test_pbt_continues_a_trial_from_a_better_trials_checkpoint(source, tmp_path, training_ray):
+    # Two trials that cannot tie: the standard narrow model and one a single channel wide, which
+    # barely learns. Ray's PBT exploits only when the lower trial reaches a perturbation point
+    # while the upper one holds a checkpoint from its own last point as the upper one; with
+    # trials of similar scores that order is left to timing. Five epochs: four points.
     config = load_config(SMOKE_SEARCH, search_overrides(source, tmp_path, "pbt") + [
-        # Four epochs: three perturbation points (the last epoch only finishes), so that one of the
-        # two trials is below the other while the other holds a checkpoint at least once.
-        "tune.scheduler=pbt", "tune.perturbation_interval=1", "train.epochs=4", "tune.num_samples=2",
-        "tune.space={train.learning_rate: {uniform: [0.01, 0.06]}}"])
+        "tune.scheduler=pbt", "tune.perturbation_interval=1", "train.epochs=5", "tune.num_samples=1",
+        "tune.space={train.learning_rate: {uniform: [0.01, 0.06]}, model.width: {grid: [8, 1]}}"])
     summary = run_search(config)
     rows = rows_of(summary)
     assert {row["status"] for row in rows} == {"completed"}
@@ -124,13 +127,15 @@ def test_pbt_continues_a_trial_from_a_better_trials_checkpoint(source, tmp_path,
 
     first, *later = segments(row["trial"])
     assert later and later[0]["from"]["trial"] == source_trial
+    # The weak trial took the strong one's whole config (its model too: the checkpoint's shape).
+    assert (first["params"]["model.width"], later[0]["params"]["model.width"]) == (1, 8)
     # PBT's explore multiplies the source's rate by 0.8 or 1.2 (or resamples it): a value neither
     # trial had before.
     rate = later[0]["params"]["train.learning_rate"]
     assert rate != first["params"]["train.learning_rate"]
     assert rate not in [segment["params"]["train.learning_rate"] for segment in segments(source_trial)]
     history = storage.read_json(os.path.join(row["run_dir"], "history.json"))
-    assert [entry["epoch"] for entry in history] == [1, 2, 3, 4]
+    assert [entry["epoch"] for entry in history] == [1, 2, 3, 4, 5]
 
 
 def test_optuna_search_with_relative_paths(source, tmp_path, training_ray, monkeypatch):
@@ -163,8 +168,10 @@ def test_a_search_whose_every_trial_fails_exits_with_the_reason(source, tmp_path
                             "error: TrainingDiverged: run ") and "results.csv" in error
 
 
-def test_killed_search_resumes_without_training_finished_trials_again(source, tmp_path):
-    arguments = [sys.executable, os.path.join(REPO, "jobs/tune.py"), "--config", SMOKE_SEARCH]
+def test_killed_search_resumes_without_training_finished_trials_again(source, tmp_path, training_ray):
+    # The job joins this module's Ray, as a job joins its cluster (see test_train's resume test).
+    arguments = [sys.executable, os.path.join(REPO, "jobs/tune.py"), "--address", ray.get_runtime_context().gcs_address,
+                 "--config", SMOKE_SEARCH]
     for override in search_overrides(source, tmp_path, "resume") + [
             "tune.scheduler=fifo", "tune.max_concurrent_trials=1", "train.epochs=1",
             "tune.space={train.learning_rate: {grid: [0.05, 0.02]}}", "tune.num_samples=1"]:

@@ -7,12 +7,23 @@ pixels, height x width x 3 RGB, row-major; ``images_from_column`` turns a column
 
 On a multi-node cluster ``data.output`` must be storage every node can read (s3://, gs://, NFS):
 training workers read the shards on their own nodes.
+
+Leases keep shards alive while they are used: a training run reads its build's files every epoch
+for hours, while another recipe (or ``--force``) may rebuild ``data.output`` and replace the
+manifest. Whoever uses a build (a training run, a build still writing) holds a lease, a small
+file ``leases/<build>/<holder>.json`` with an expiry that a background thread keeps renewing.
+A build deletes other builds' shard folders only when no unexpired lease names them
+(``collect_garbage``), so a crashed holder blocks clean-up for at most ``LEASE_SECONDS``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import posixpath
-from typing import Sequence
+import threading
+import time
+import uuid
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -39,6 +50,7 @@ class Manifest:
         self.mean: list[float] = [float(v) for v in raw["normalization"]["mean"]]
         self.std: list[float] = [float(v) for v in raw["normalization"]["std"]]
         self.splits: dict[str, dict] = raw["splits"]
+        self.build: str = raw["build"]  # the shards-<id> folder this manifest's files are in
 
     def __repr__(self) -> str:
         rows = ", ".join(f"{name}={split['rows']}" for name, split in self.splits.items())
@@ -89,6 +101,65 @@ class Manifest:
 # 1-CPU nodes each running a 0.5-CPU training worker, the cluster had a CPU free in two halves,
 # the read task never started and training waited for input forever (benchmarks/multinode_benchmark.py).
 READ_TASK_CPUS = 0.25
+
+
+LEASES = "leases"
+LEASE_SECONDS = 3600.0   # a holder that stopped renewing (crashed) is ignored after this
+RENEW_SECONDS = 300.0
+
+
+@contextlib.contextmanager
+def lease(output: str, build: str, holder: str) -> Iterator[str]:
+    """Hold ``build`` (a ``shards-*`` folder of ``output``) for the ``with`` block: no other build
+    deletes it meanwhile. Yields the lease file's path."""
+    path = storage.join(output, LEASES, build, f"{holder}-{uuid.uuid4().hex[:8]}.json")
+    storage.write_json(path, {"holder": holder, "expires": time.time() + LEASE_SECONDS})
+    stop = threading.Event()
+
+    def renew():
+        while not stop.wait(RENEW_SECONDS):
+            try:
+                storage.write_json(path, {"holder": holder, "expires": time.time() + LEASE_SECONDS})
+            except OSError:  # storage briefly unreachable: the lease has most of an hour left
+                pass
+
+    renewer = threading.Thread(target=renew, name=f"lease-{build}", daemon=True)
+    renewer.start()
+    try:
+        yield path
+    finally:
+        stop.set()
+        renewer.join()
+        storage.delete(path)
+
+
+def leased_builds(output: str, now: float | None = None) -> set[str]:
+    """Builds of ``output`` with at least one unexpired lease."""
+    now = time.time() if now is None else now
+    held = set()
+    for build in storage.list_dir(storage.join(output, LEASES)):
+        for name in storage.list_dir(storage.join(output, LEASES, build)):
+            try:
+                expires = storage.read_json(storage.join(output, LEASES, build, name))["expires"]
+            except (OSError, ValueError, KeyError):  # vanished or unreadable meanwhile: not held
+                continue
+            if expires > now:
+                held.add(build)
+                break
+    return held
+
+
+def collect_garbage(output: str, keep: str) -> list[str]:
+    """Delete the shard folders of ``output`` that neither the committed manifest (``keep``) nor an
+    unexpired lease names, with their expired leases; returns the deleted folder names."""
+    held = leased_builds(output) | {keep}
+    stale = [name for name in storage.list_dir(output) if name.startswith("shards-") and name not in held]
+    for name in stale:
+        storage.delete(storage.join(output, name))
+    for build in storage.list_dir(storage.join(output, LEASES)):
+        if build not in held:
+            storage.delete(storage.join(output, LEASES, build))
+    return stale
 
 
 def open_manifest(output: str) -> Manifest:

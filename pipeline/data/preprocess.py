@@ -7,8 +7,10 @@ Layout of ``data.output`` (local path or s3://, gs://):
     manifest.json                          written LAST and atomically: the commit point
     config.yaml                            the fully resolved config of the build
     shards-<build id>/<split>/part-<n>.parquet   columns id, label, image (raw uint8 HWC RGB bytes)
-A build writes its own ``shards-<build id>`` folder, commits the manifest, then deletes every other
-``shards-*`` folder (older or crashed builds). Readers only open the files the manifest lists.
+A build writes its own ``shards-<build id>`` folder, commits the manifest, then deletes the other
+``shards-*`` folders (older or crashed builds) that no lease holds: a training run still reading
+an older build keeps it (``pipeline.data.manifest.lease``). Readers only open the files the
+manifest lists.
 
 Rebuilding is skipped when the manifest's source fingerprint and data-config fingerprint match:
 a re-run (or ``pipeline train``) costs a listing of the source, not a decode.
@@ -34,7 +36,8 @@ from PIL import Image
 from pipeline import storage
 from pipeline.config import Config, DataConfig, fingerprint, to_yaml
 from pipeline.data.images import UnreadableImage, decode_image
-from pipeline.data.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, shard_relative_path
+from pipeline.data.manifest import (MANIFEST_NAME, SCHEMA_VERSION, Manifest, collect_garbage, lease,
+                                    shard_relative_path)
 from pipeline.data.sources import CIFAR10_IMAGE_SIZE, Item, Source, load_cifar_batch, resolve_source, say
 
 SPLITS = ("train", "val", "test")
@@ -96,16 +99,21 @@ def run_preprocess(config: Config, force: bool = False) -> Manifest:
 
     build = f"shards-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
     try:
-        writing = time.perf_counter()
-        results = {name: _write_split(name, items, source, data, output, build)
-                   for name, items in splits.items()}
-        timings["decode_and_write_seconds"] = time.perf_counter() - writing
-        manifest = _commit(config, source, config_fingerprint, output, build, results, started, timings)
+        # Leased while it is written: a concurrent build committing first must not delete it.
+        with lease(output, build, "build"):
+            writing = time.perf_counter()
+            results = {name: _write_split(name, items, source, data, output, build)
+                       for name, items in splits.items()}
+            timings["decode_and_write_seconds"] = time.perf_counter() - writing
+            manifest = _commit(config, source, config_fingerprint, output, build, results, started, timings)
     except BaseException:
         # Nothing of a failed build stays behind; the previous manifest (if any) stays valid.
         storage.delete(storage.join(output, build))
         raise
-    _delete_other_builds(output, keep=build)
+    # Older builds go, unless a training run (or another build) still holds them.
+    removed = collect_garbage(output, keep=build)
+    if removed:
+        say(f"removed {len(removed)} older shard folder(s) that no run uses: {', '.join(removed)}")
     counts = manifest.raw["counts"]
     say(f"done: {counts['seen']} images in {manifest.raw['elapsed_seconds']:.1f} s = "
         f"{manifest.raw['images_per_second']:.0f} images/s (source {timings['source_seconds']:.1f} s, "
@@ -298,9 +306,8 @@ def write_shards(batch: pa.Table, output: str, build: str, split: str, rows_per_
             pixel_sum_sq[channel] = float(counts @ levels**2)
         relative_path = shard_relative_path(build, split, shard_name(batch.column("index").to_numpy(),
                                                                      rows_per_shard, split_rows))
-        filesystem, inner = storage.filesystem(storage.join(output, *relative_path.split("/")))
-        filesystem.create_dir(inner.rsplit("/", 1)[0], recursive=True)
-        pq.write_table(table, inner, filesystem=filesystem)
+        with storage.open_output(storage.join(output, *relative_path.split("/"))) as stream:
+            pq.write_table(table, stream)
     return {
         "path": np.array([relative_path]),
         "rows": np.array([int(good.sum())], dtype=np.int64),
@@ -454,15 +461,6 @@ def _commit(config: Config, source: Source, config_fingerprint: str, output: str
     storage.write_text(storage.join(output, "config.yaml"), to_yaml(config))
     storage.write_json(storage.join(output, MANIFEST_NAME), raw)  # the commit point
     return Manifest(output, raw)
-
-
-def _delete_other_builds(output: str, keep: str) -> None:
-    """After the commit: shard folders of older builds (and of crashed ones) are garbage."""
-    stale = [name for name in storage.list_dir(output) if name.startswith("shards-") and name != keep]
-    for name in stale:
-        storage.delete(storage.join(output, name))
-    if stale:
-        say(f"removed {len(stale)} older shard folder(s): {', '.join(stale)}")
 
 
 def summarize(manifest: Manifest) -> str:

@@ -12,6 +12,8 @@ Ray Train splits the dataset into equal shards and we drop each shard's last par
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
@@ -36,8 +38,18 @@ def steps_and_batches(rows: int, num_workers: int, per_replica_batch_size: int, 
     return -(-batches // local_replicas), batches
 
 
+def worker_seed(seed: Optional[int], rank: int, epoch: int = -1) -> Optional[int]:
+    """A seed of its own for each worker (and epoch) derived from ``train.seed``; None (truly
+    random) when ``train.seed`` is null. Workers must differ (each augments and shuffles its own
+    rows) and epochs must differ (a shuffle buffer seeded alike every epoch repeats its order)."""
+    if seed is None:
+        return None
+    return (seed * 1_000_003 + rank * 1009 + epoch + 1) % 2**31
+
+
 def shard_to_dataset(shard, *, image_size: int, num_classes: int, batch_size: int, steps: int,
-                     shuffle_buffer_size: int = 0, drop_remainder: bool = True) -> tf.data.Dataset:
+                     shuffle_buffer_size: int = 0, shuffle_seed: Optional[int] = None,
+                     drop_remainder: bool = True) -> tf.data.Dataset:
     """One epoch of the shard as a tf.data.Dataset of exactly ``steps`` (uint8 images, one-hot
     labels) batches. Build a new one every epoch: each is a new Ray Data epoch (a new shuffle).
 
@@ -51,7 +63,9 @@ def shard_to_dataset(shard, *, image_size: int, num_classes: int, batch_size: in
         # takes exactly ``steps`` batches and stops (Keras' validation) never leaves a Ray epoch
         # half-read: the streaming split moves to the next epoch together on every worker.
         for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_remainder,
-                                        local_shuffle_buffer_size=shuffle_buffer_size or None, prefetch_batches=2):
+                                        local_shuffle_buffer_size=shuffle_buffer_size or None,
+                                        local_shuffle_seed=shuffle_seed if shuffle_buffer_size else None,
+                                        prefetch_batches=2):
             if produced == steps:
                 continue  # a surplus batch (unequal shards): drain, never abandon, the iterator
             produced += 1

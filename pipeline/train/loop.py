@@ -72,13 +72,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if train_steps == 0:
         raise ValueError(f"the train split ({dataset_info['rows']['train']} rows) is smaller than one global "
                          f"batch ({global_batch}); lower train.global_batch_size")
-    # Augmentation randomness differs per worker (each sees other images anyway).
-    tf.random.set_seed((config.train.seed or 0) * 1000 + rank + 1)
+    # Augmentation randomness differs per worker (each sees other images anyway); null: random.
+    augmentation_seed = inputs.worker_seed(config.train.seed, rank)
+    if augmentation_seed is not None:
+        tf.random.set_seed(augmentation_seed)
 
-    def train_dataset_fn(_):
+    def train_dataset_fn(_, epoch):
         dataset = inputs.shard_to_dataset(
             ray.train.get_dataset_shard("train"), image_size=image_size, num_classes=num_classes,
-            batch_size=replica_batch, steps=train_batches, shuffle_buffer_size=config.train.shuffle_buffer_size)
+            batch_size=replica_batch, steps=train_batches, shuffle_buffer_size=config.train.shuffle_buffer_size,
+            shuffle_seed=inputs.worker_seed(config.train.seed, rank, epoch))
         return inputs.prefetch(inputs.augment(dataset, config.train, dataset_info["mean"] or [0, 0, 0]))
 
     val_dataset_fn, validation_steps = None, None
@@ -119,7 +122,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     metadata = model_metadata(kind="checkpoint", class_names=dataset_info["class_names"], image_size=image_size,
                               config=loop_config["config"], mean=dataset_info["mean"], std=dataset_info["std"],
-                              precision=precision)
+                              precision=precision, identity=dataset_info["identity"])
     reporter = ReportToRayTrain(config=config, metadata=metadata, history=history, run_dir=run_dir,
                                 rank=rank, images_per_epoch=train_steps * global_batch, precision=precision)
     callbacks = [reporter]
@@ -131,7 +134,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # Fresh, finite datasets per epoch (see inputs.shard_to_dataset); Keras keeps its traced
         # train step across these calls, the optimizer keeps its step counter.
         validation = strategy.distribute_datasets_from_function(val_dataset_fn) if val_dataset_fn else None
-        model.fit(strategy.distribute_datasets_from_function(train_dataset_fn), initial_epoch=epoch,
+        train_data = strategy.distribute_datasets_from_function(lambda context: train_dataset_fn(context, epoch))
+        model.fit(train_data, initial_epoch=epoch,
                   epochs=epoch + 1, steps_per_epoch=train_steps, validation_data=validation,
                   validation_steps=validation_steps, callbacks=callbacks, verbose=2 if rank == 0 else 0)
         if reporter.diverged:

@@ -13,6 +13,7 @@ checkpoint; a finished run is not trained again, only evaluated and exported aga
 from __future__ import annotations
 
 import math
+import re
 import time
 
 import pipeline  # noqa: F401
@@ -21,8 +22,9 @@ from ray.train.tensorflow import TensorflowTrainer
 
 from pipeline import PipelineError, reports, storage
 from pipeline.config import Config, batch_sizes, scaled_learning_rate, to_dict, to_yaml
-from pipeline.data.manifest import images_from_column
+from pipeline.data.manifest import images_from_column, lease
 from pipeline.data.preprocess import ensure_preprocessed
+from pipeline.preflight import worker_request
 from pipeline.train.loop import train_loop_per_worker
 
 
@@ -34,6 +36,10 @@ class TrainingDiverged(PipelineError):
     """The loss became NaN or infinite: the run stopped instead of training on garbage weights."""
 
 
+class CheckpointMismatch(PipelineError):
+    """The run's checkpoints were made from other data or another model than the config asks for."""
+
+
 def run_training(config: Config, *, callbacks=(), start_from=None) -> dict:
     """Train as configured; returns the run summary (also written to ``summary.json``).
 
@@ -42,6 +48,17 @@ def run_training(config: Config, *, callbacks=(), start_from=None) -> dict:
     does with another trial's weights; the run's own checkpoints take precedence on resume.
     """
     manifest = ensure_preprocessed(config)
+    # The workers read the shards every epoch: leased, so that a rebuild of data.output meanwhile
+    # (another recipe, --force) replaces the manifest but leaves these files alone.
+    holder = "run-" + re.sub(r"[^A-Za-z0-9_.-]", "-", run_name(config))
+    with lease(manifest.root, manifest.build, holder):
+        if not storage.exists(storage.join(manifest.root, manifest.build)):
+            raise PipelineError(f"the preprocessed data at {manifest.root} was rebuilt while this run started "
+                                f"(its shard folder {manifest.build} is gone); run the same command again")
+        return _train(config, manifest, callbacks, start_from)
+
+
+def _train(config: Config, manifest, callbacks, start_from) -> dict:
     storage_path = storage.absolute(config.run.storage_path)
     name = run_name(config)
     run_dir = storage.join(storage_path, name)
@@ -50,6 +67,7 @@ def run_training(config: Config, *, callbacks=(), start_from=None) -> dict:
     if storage.exists(storage.join(run_dir, "checkpoint_manager_snapshot.json")):
         history_path = storage.join(run_dir, "history.json")
         done = len(storage.read_json(history_path)) if storage.exists(history_path) else 0
+        check_resumable(run_dir, name, training_identity(config, manifest))
         print(f"resuming run '{name}' from its latest checkpoint ({done} of {config.train.epochs} epochs "
               f"recorded); use another run.name to start afresh")
     storage.delete(storage.join(run_dir, "summary.json"))  # the run is not complete until rewritten
@@ -72,12 +90,11 @@ def run_training(config: Config, *, callbacks=(), start_from=None) -> dict:
         "class_names": manifest.class_names, "image_size": manifest.image_size,
         "mean": manifest.mean, "std": manifest.std,
         "rows": {split: manifest.rows(split) for split in ("train", "val", "test") if manifest.has_split(split)},
+        "identity": training_identity(config, manifest),
     }
 
     scaling = config.scaling
-    resources = {"CPU": scaling.cpus_per_worker, **scaling.custom_resources}
-    if scaling.use_gpu:
-        resources["GPU"] = scaling.gpus_per_worker
+    resources = {"CPU": scaling.cpus_per_worker, **worker_request(scaling)}
     trainer = TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(config), "dataset": dataset_info, "run_dir": run_dir,
@@ -99,18 +116,63 @@ def run_training(config: Config, *, callbacks=(), start_from=None) -> dict:
     started = time.perf_counter()
     result = trainer.fit()
     wall_seconds = time.perf_counter() - started
-    check_finite(storage.read_json(storage.join(run_dir, "history.json")), name)
+    check_finite(storage.read_json(storage.join(run_dir, "history.json")), name,
+                 result.checkpoint.path if result.checkpoint else None)
     return summarise(config, manifest, run_dir, result, wall_seconds)
 
 
-def check_finite(history: list[dict], name: str) -> None:
+def training_identity(config: Config, manifest) -> dict:
+    """What a checkpoint's weights are only valid with: the exact data (source and split, by their
+    fingerprints), its classes and normalisation, and the model's architecture. Stored in every
+    checkpoint's metadata (``identity``) and compared on resume."""
+    return {"data": {"source": manifest.raw.get("source_fingerprint"), "config": manifest.raw.get("config_fingerprint")},
+            "class_names": manifest.class_names, "image_size": manifest.image_size,
+            "normalization": {"mean": manifest.mean, "std": manifest.std}, "model": to_dict(config)["model"]}
+
+
+IDENTITY_NAMES = {"data": "data (source or split: data.* settings, or the source files changed)",
+                  "class_names": "class names", "image_size": "image size (data.image_size)",
+                  "normalization": "normalisation statistics (the train split changed)", "model": "model (model.*)"}
+
+
+def check_resumable(run_dir: str, name: str, identity: dict) -> None:
+    """Refuse to resume a run whose checkpoints were made from other data or another model: the
+    old weights would be trained on a moved split or under new normalisation, silently."""
+    folders = sorted(folder for folder in storage.list_dir(run_dir) if folder.startswith("checkpoint_"))
+    metadata = next((storage.read_json(path) for path in (storage.join(run_dir, folder, "metadata.json")
+                                                          for folder in reversed(folders)) if storage.exists(path)), None)
+    stored = (metadata or {}).get("identity")
+    if stored is None:
+        return  # no committed checkpoint yet, or one written before identities were recorded
+    changed = [IDENTITY_NAMES[key] for key in IDENTITY_NAMES if _differs(stored.get(key), identity[key])]
+    if changed:
+        raise CheckpointMismatch(
+            f"run '{name}' cannot resume: its checkpoints were trained with other {'; '.join(changed)} than "
+            f"this config gives. Use another run.name to start afresh, or restore the settings it was started "
+            f"with ({storage.join(run_dir, 'config.yaml')})")
+
+
+def _differs(old, new) -> bool:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return old.keys() != new.keys() or any(_differs(old[key], new[key]) for key in old)
+    if isinstance(old, list) and isinstance(new, list):
+        return len(old) != len(new) or any(_differs(a, b) for a, b in zip(old, new))
+    if isinstance(old, float) or isinstance(new, float):
+        return not math.isclose(float(old), float(new), rel_tol=1e-9, abs_tol=1e-9)
+    return old != new
+
+
+def check_finite(history: list[dict], name: str, last_checkpoint: str | None = None) -> None:
     """The workers stop together at the end of an epoch whose weights are no longer finite (see
-    ``ReportToRayTrain``); this makes that the run's error, so a diverged run never looks finished."""
+    ``ReportToRayTrain``); this makes that the run's error, so a diverged run never looks finished.
+    No checkpoint is written of the diverged epoch: the last one holds finite weights."""
     last = history[-1] if history else {}
     if last.get("diverged"):
+        kept = (f"the last good checkpoint is {last_checkpoint}" if last_checkpoint
+                else "no checkpoint was written before it")
         raise TrainingDiverged(
             f"run '{name}' diverged in epoch {last['epoch']}: the weights became NaN or infinite (training "
-            f"loss {last.get('loss')}, learning rate {last.get('lr', math.nan):.4g}); lower "
+            f"loss {last.get('loss')}, learning rate {last.get('lr', math.nan):.4g}); {kept}. Lower "
             f"train.learning_rate, lengthen train.warmup_epochs, or use train.precision=fp32")
 
 
