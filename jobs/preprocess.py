@@ -1,6 +1,6 @@
 """Preprocess images into Parquet shards + manifest.json: the entry point for ``ray job submit``.
 
-    python jobs/preprocess.py --set data.source=../shared/data/cifar10-jpeg-train.tar.gz
+    python jobs/preprocess.py --set data.source=/data/cifar-10-python.tar.gz
     ray job submit --working-dir . -- python jobs/preprocess.py --config configs/fast.yaml --force
 
 Locally it starts an embedded Ray; inside ``ray job submit`` it joins the cluster. A matching

@@ -31,6 +31,42 @@ for _key, _value in TENSORFLOW_ENV.items():
 __version__ = "0.1.0"
 
 
+def provenance() -> dict:
+    """What produced a result file: this package's version and git commit (when it runs from a
+    checkout), and the TensorFlow, tf-keras and Ray versions. Recorded in every manifest, run
+    and search summary, export and inference summary."""
+    from importlib import metadata
+
+    def version(distribution: str):
+        try:
+            return metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {"pipeline": __version__, "git_commit": _git_commit(), "tensorflow": version("tensorflow"),
+            "tf_keras": version("tf-keras"), "ray": version("ray")}
+
+
+_commit_cache: list = []
+
+
+def _git_commit():
+    """The checkout's commit (with ``-dirty`` for uncommitted changes), or None outside a checkout
+    (an installed wheel, a job's working-dir copy without .git)."""
+    if not _commit_cache:
+        import subprocess
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        try:
+            commit = subprocess.run(["git", "-C", root, "describe", "--always", "--dirty", "--abbrev=40"],
+                                    capture_output=True, text=True, timeout=5)
+            _commit_cache.append(commit.stdout.strip() if commit.returncode == 0 and os.path.isdir(
+                os.path.join(root, ".git")) else None)
+        except (OSError, subprocess.TimeoutExpired):
+            _commit_cache.append(None)
+    return _commit_cache[0]
+
+
 class PipelineError(RuntimeError):
     """A stage stopped for a reason its message explains: the command prints it and exits with
     status 1, without a traceback (bad configuration is ``config.ConfigError``, status 2)."""

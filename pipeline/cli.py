@@ -1,6 +1,6 @@
 """The ``pipeline`` command: one subcommand per stage, each a thin call into one ``run_*`` function.
 
-    pipeline preprocess --config configs/fast.yaml --set data.source=../shared/data/cifar10-jpeg-train.tar.gz
+    pipeline preprocess --config configs/fast.yaml --set data.source=/data/cifar-10-python.tar.gz
     pipeline train      --config configs/fast.yaml --set train.epochs=5
     pipeline tune       --config configs/search.yaml --set tune.num_samples=8
     pipeline predict    --model artifacts/runs/fast --input photos/ --output predictions.csv

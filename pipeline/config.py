@@ -17,6 +17,7 @@ import difflib
 import hashlib
 import json
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -51,6 +52,11 @@ class DataConfig:
         ".tar/.tar.gz/.zip")
     download_url: str = param(CIFAR10_URL, "where source=cifar10 downloads from (a mirror may be given)")
     cache_dir: str = param("~/.cache/ray-image-pipeline", "downloads and extracted archives")
+    max_extract_bytes: int = param(
+        200 * 1024**3, "refuse an archive whose members add up to more than this many bytes once extracted "
+        "(an archive bomb); 200 GiB holds ImageNet", min=1)
+    max_extract_members: int = param(
+        5_000_000, "refuse an archive with more members than this (an archive bomb)", min=1)
     output: str = param("artifacts/data", "directory (local or s3://, gs://) for Parquet shards + manifest.json")
     image_size: int = param(32, "images are resized to image_size x image_size RGB (pixels)", min=8, max=1024)
     val_fraction: float = param(0.1, "fraction of the training images held out for validation", min=0.0, max=0.9)
@@ -295,7 +301,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         try:
             loaded = yaml.safe_load(file.read_text())
         except yaml.YAMLError as error:
-            raise ConfigError(f"{path} is not valid YAML: {error}") from None
+            raise ConfigError(f"{path} is not valid YAML: {yaml_problem(error)}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, got {type(loaded).__name__}")
         raw = loaded or {}
@@ -352,15 +358,17 @@ def _all_keys() -> list[str]:
     return keys
 
 
-def _suggest(wrong: str, candidates: list[str]) -> str:
-    close = difflib.get_close_matches(wrong, candidates, n=1, cutoff=0.5)
+def did_you_mean(wrong: str, candidates: list[str]) -> str:
+    """``"; did you mean 'x'?"`` for the closest candidate to a mistyped name, or ``""``: the one
+    wording of every "unknown ..." message (keys, sections, choices, models, distributions)."""
+    close = difflib.get_close_matches(str(wrong), candidates, n=1, cutoff=0.5)
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
 def _section(config: Config, name: str):
     sections = [f.name for f in dataclasses.fields(Config) if f.name != "recipe"]
     if name not in sections:
-        raise ConfigError(f"unknown config section '{name}'{_suggest(name, sections)} "
+        raise ConfigError(f"unknown config section '{name}'{did_you_mean(name, sections)} "
                           f"(sections: {', '.join(sections)})")
     return getattr(config, name)
 
@@ -375,7 +383,7 @@ def field_type(dotted: str):
     section = _section(Config(), section_name)
     fields = {f.name: f for f in dataclasses.fields(section)}
     if key not in fields:
-        suggestion = _suggest(dotted, _all_keys()) or _suggest(key, list(fields))
+        suggestion = did_you_mean(dotted, _all_keys()) or did_you_mean(key, list(fields))
         raise ConfigError(f"unknown config key '{dotted}'{suggestion}")
     return typing.get_type_hints(type(section))[key]
 
@@ -447,6 +455,16 @@ def validate(config: Config) -> None:
         raise ConfigError("train.lr_schedule=step needs train.step_epochs, e.g. [30, 60]")
     if train.warmup_epochs >= train.epochs and train.lr_schedule != "constant":
         raise ConfigError(f"train.warmup_epochs={train.warmup_epochs} must be below train.epochs={train.epochs}")
+    from pipeline.models.registry import VARIANTS, minimum_image_size
+
+    if config.model.name not in VARIANTS:
+        raise ConfigError(f"config key 'model.name' must be one of {list(VARIANTS)}, got {config.model.name!r}"
+                          f"{did_you_mean(config.model.name, list(VARIANTS))}")
+    smallest = minimum_image_size(config.model)
+    if config.data.image_size < smallest:
+        raise ConfigError(f"data.image_size={config.data.image_size} is too small for {config.model.name} with the "
+                          f"'{config.model.stem}' stem: it downsamples by {smallest}, so images need at least "
+                          f"{smallest}x{smallest} pixels (raise data.image_size, or use model.stem=cifar)")
     if train.cutout >= config.data.image_size:
         raise ConfigError(f"train.cutout={train.cutout} must be smaller than data.image_size={config.data.image_size}")
     if config.scaling.collective == "nccl" and not config.scaling.use_gpu:
@@ -458,7 +476,7 @@ def _check_rules(dotted: str, value, rules) -> None:
         return
     if rules.get("choices") and value not in rules["choices"]:
         raise ConfigError(f"config key '{dotted}' must be one of {rules['choices']}, got {value!r}"
-                          f"{_suggest(str(value), rules['choices'])}")
+                          f"{did_you_mean(str(value), rules['choices'])}")
     low, high = rules.get("min"), rules.get("max")
     if low is not None and (value < low or (rules.get("min_exclusive") and value == low)):
         relation = ">" if rules.get("min_exclusive") else ">="
@@ -491,12 +509,41 @@ def with_absolute_paths(config: Config) -> Config:
 
 # ---------------------------------------------------------------- serialisation
 
+def yaml_problem(error: Exception) -> str:
+    """A YAML parser error on one line: what is wrong and where (PyYAML's own message spans
+    several lines with a caret drawing)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    context = getattr(error, "context", None)
+    return f"{problem}{where}" + (f" ({context})" if context else "")
+
+
 def to_dict(config: Config) -> dict:
     return dataclasses.asdict(config)
 
 
+def redact_url(url: str) -> str:
+    """``url`` without its credentials: the ``user:password@`` part and the query string (signed
+    URLs carry their keys there). Used wherever a URL is printed or saved."""
+    parts = urllib.parse.urlsplit(str(url))
+    if not (parts.username or parts.password or parts.query):
+        return str(url)
+    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    netloc = f"***@{host}" if parts.username or parts.password else host
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", ""))
+
+
+def saved_dict(config: Config) -> dict:
+    """The config as it is written to files (config.yaml, search.yaml, best.yaml, manifests):
+    credentials in ``data.download_url`` are never saved."""
+    values = to_dict(config)
+    values["data"]["download_url"] = redact_url(values["data"]["download_url"])
+    return values
+
+
 def to_yaml(config: Config) -> str:
-    return yaml.safe_dump(to_dict(config), sort_keys=False)
+    return yaml.safe_dump(saved_dict(config), sort_keys=False)
 
 
 def fingerprint(values: dict) -> str:

@@ -65,7 +65,7 @@ import pyarrow.fs as pafs
 import pipeline  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TensorFlow)
 from pipeline import PipelineError, storage
 from pipeline.config import Config
-from pipeline.data.images import IMAGE_EXTENSIONS, UnreadableImage, decode_image, is_image_path
+from pipeline.data.images import IMAGE_EXTENSIONS, UnreadableImage, decode_image, is_hidden, is_image_path
 
 __all__ = ["Predictor", "list_inputs", "decode_batch", "build_dataset", "run_inference", "predict_image",
            "main", "prediction_columns", "prediction_schema", "ERROR_SCHEMA"]
@@ -159,8 +159,8 @@ def _walk(fs: pafs.FileSystem, root: str, keep=None) -> Iterator[str]:
         if info.type != pafs.FileType.File or not info.path.startswith(prefix):
             continue
         relative = info.path[len(prefix):]
-        if any(part.startswith(".") for part in relative.split("/")):
-            continue  # .DS_Store, ._x.jpg (macOS resource forks), .ipynb_checkpoints/, .git/ ...
+        if any(is_hidden(part) for part in relative.split("/")):
+            continue
         if is_image_path(info.path) and (keep is None or keep(info.path)):
             yield info.path
 
@@ -402,10 +402,21 @@ class OutputLayout:
     staging: str
 
 
+# Output names that mean a file of another format: refused rather than made into a folder of that
+# name (a dotted folder name such as results.v2 stays a folder).
+OTHER_FILE_EXTENSIONS = (".json", ".jsonl", ".ndjson", ".txt", ".tsv", ".xls", ".xlsx", ".feather", ".arrow",
+                         ".orc", ".avro", ".npy", ".npz", ".pkl", ".h5", ".hdf5", ".db", ".sqlite")
+
+
 def _output_layout(output: str) -> OutputLayout:
     output = storage.absolute(output)
     run_id = f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
     lower = output.lower()
+    _check_parents_are_folders(output)
+    extension = posixpath.splitext(posixpath.basename(output))[1].lower()
+    if extension in OTHER_FILE_EXTENSIONS and not storage.is_dir(output):
+        raise ValueError(f"output {output} names a {extension} file, which predictions cannot be written as: "
+                         "name a .csv or .parquet file, or a directory (no extension) for Parquet parts")
     if lower.endswith((".csv", ".parquet", ".pq")):
         if storage.is_dir(output):
             raise ValueError(f"output {output} is a directory; name a new .csv/.parquet file, "
@@ -462,6 +473,18 @@ def _write_table(table: pa.Table, path: str, file_format: str) -> None:
             pacsv.write_csv(table, stream)
         else:
             pq.write_table(table, stream)
+
+
+def _check_parents_are_folders(output: str) -> None:
+    """Refuse an output below an existing file (``notes.txt/predictions.csv``) before any work,
+    rather than when the first part is written."""
+    if storage.is_uri(output):
+        return
+    parent = os.path.dirname(output)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise ValueError(f"output {output} is below {parent}, which is a file, not a folder")
 
 
 def _move_parts(source: str, target: str) -> None:
@@ -720,6 +743,7 @@ def run_inference(config: Config, address: Optional[str] = None) -> dict:
         "actors": actors,
         "outputs": outputs,
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "provenance": pipeline.provenance(),
     }
     storage.write_json(layout.summary, summary)  # last: its presence marks the outputs complete
     print_summary(summary)

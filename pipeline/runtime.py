@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import ray
 
@@ -21,6 +22,8 @@ WORKER_ENV_VARS = {
     "RAY_TRAIN_V2_ENABLED": "1",
     # A task or actor that asked for no GPU gets CUDA_VISIBLE_DEVICES="" again (pipeline/accelerators.py).
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1",
+    # Ray Data's progress in a log (see ``log_friendly_progress``): one table a minute, not every 10 s.
+    "RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL": "60",
 }
 
 
@@ -48,6 +51,19 @@ def started_locally() -> bool:
     return _started_locally or not ray.is_initialized()
 
 
+def log_friendly_progress(attached_to_terminal: bool) -> None:
+    """Ray Data's progress bars when a person watches a terminal; periodic progress lines in a
+    log (``ray job logs -f``, a file). By default the Ray Data executors that run inside actors
+    (the streaming split that feeds training workers) draw tqdm bars whatever their output is,
+    and each redraw lands in the log: tens of kilobytes per epoch between our own progress lines.
+    Without Ray's tqdm, a non-terminal output gets Ray Data's logging progress instead, every
+    ``RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL`` seconds."""
+    import ray.data
+
+    if not attached_to_terminal:
+        ray.data.DataContext.get_current().use_ray_tqdm = False
+
+
 def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
     """Join the cluster named by ``address`` / ``RAY_ADDRESS`` (set inside ``ray job submit``),
     or start a local embedded Ray with this machine's resources (``num_cpus``/``num_gpus``: as
@@ -55,6 +71,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
     global _started_locally
     for key, value in WORKER_ENV_VARS.items():
         os.environ.setdefault(key, value)
+    log_friendly_progress(sys.stdout.isatty())
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")

@@ -10,6 +10,17 @@ from pipeline import runtime
 from synthetic_data import make_image_folder
 
 
+# Fixtures that start Ray (or a cluster of it): tests that use them are `slow`, and
+# `pytest -m "not slow"` is the quick inner loop.
+RAY_FIXTURES = {"training_ray", "local_ray", "ray_local", "s3_ray", "two_nodes", "autoscaling_cluster"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if RAY_FIXTURES & set(item.fixturenames) or item.get_closest_marker("cluster"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     """A learnable 4-class image folder with a test split: 160 training and 32 test images."""

@@ -25,7 +25,7 @@ import ray
 from PIL import Image
 
 from pipeline import runtime, storage
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, load_config, to_yaml
 from pipeline.data import sources
 from pipeline.data.images import decode_image
 from pipeline.data.manifest import (ManifestError, collect_garbage, images_from_column, lease,
@@ -423,6 +423,21 @@ def test_unreachable_download_says_how_to_pass_a_local_copy(tmp_path):
     assert not [name for name in os.listdir(tmp_path / "cache") if name.endswith(".part")]
 
 
+def test_download_credentials_are_never_printed_or_saved(tmp_path, capsys):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://alice:s3cret-token@127.0.0.1:{port}/c.tar.gz?signature=also-secret"
+    config = make_config(tmp_path, "data.source=cifar10", f"data.download_url={url}")
+    with pytest.raises(SourceError) as error:
+        resolve_source(config.data)
+    printed = capsys.readouterr()
+    for text in (str(error.value), printed.out, printed.err, to_yaml(config)):
+        assert "s3cret-token" not in text and "also-secret" not in text
+    assert f"http://***@127.0.0.1:{port}/c.tar.gz?***" in str(error.value)
+    assert config.data.download_url == url  # the run itself still downloads with them
+
+
 def tar_with(path, *members):
     with tarfile.open(path, "w:gz") as tar:
         for info, data in members:
@@ -457,6 +472,20 @@ def test_unsafe_tar_members_are_refused(tmp_path, bad_member, match):
     extracted = tmp_path / "cache" / "extracted"
     assert not extracted.exists() or os.listdir(extracted) == []  # temp folder removed, nothing reusable
     assert not (tmp_path / "evil.txt").exists()
+
+
+def test_archive_bombs_are_refused_before_anything_is_written(tmp_path):
+    many = tar_with(tmp_path / "many.tar.gz", *[file_member(f"data/cat/{i}.png") for i in range(5)])
+    with pytest.raises(UnsafeArchive, match=r"5 members, more than data.max_extract_members=4"):
+        resolve_source(make_config(tmp_path, f"data.source={many}", "data.max_extract_members=4").data)
+    big = tmp_path / "big.zip"
+    with zipfile.ZipFile(big, "w", compression=zipfile.ZIP_DEFLATED) as package:
+        package.writestr("images/cat/a.png", b"\0" * 1_000_000)  # a megabyte of zeros: a few kB packed
+    assert big.stat().st_size < 10_000
+    with pytest.raises(UnsafeArchive, match=r"1,000,000 bytes, more than data.max_extract_bytes=100,000"):
+        resolve_source(make_config(tmp_path, f"data.source={big}", "data.max_extract_bytes=100000").data)
+    extracted = tmp_path / "cache" / "extracted"
+    assert not extracted.exists() or os.listdir(extracted) == []
 
 
 def test_unsafe_zip_member_is_refused(tmp_path):

@@ -192,6 +192,16 @@ def test_list_inputs_walks_a_directory(mixed_folder):
     assert infer.list_inputs(str(mixed_folder)) == expected
 
 
+def test_list_inputs_skips_what_the_data_stage_skips(tmp_path):
+    # The same rule as preprocessing (pipeline.data.images.is_hidden): a macOS zip's __MACOSX/
+    # resource forks are not images to classify, nor are dot-files.
+    for relative in ("cat/a.png", "__MACOSX/cat/._a.png", "__MACOSX/cat/b.png", ".cache/c.png", "cat/.d.png"):
+        path = tmp_path / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _random_image("RGB", (8, 8), 0).save(path, format="PNG")
+    assert infer.list_inputs(str(tmp_path)) == [str(tmp_path / "cat/a.png")]
+
+
 def test_list_inputs_single_file_glob_and_file_list(mixed_folder, tmp_path):
     one = str(mixed_folder / "photos/photo.jpg")
     assert infer.list_inputs(one) == [one]
@@ -276,6 +286,7 @@ def test_csv_output_matches_model_predict_and_lists_broken_files(local_ray, expo
     assert (summary["classified"], summary["failed"]) == (len(GOOD_FILES), len(BROKEN_FILES))
     assert summary["labelled"] is False and summary["accuracy"] is None
     assert summary["images_per_second"] > 0
+    assert summary["provenance"]["pipeline"] == pipeline.__version__
     # On a GPU node, the CPU model actors (gpus_per_actor 0) saw no GPU.
     assert len(summary["actors"]) == 2
     assert all(actor["cuda_visible_devices"] == "" and actor["gpus"] == [] for actor in summary["actors"])

@@ -98,6 +98,8 @@ def test_two_workers_on_two_one_cpu_nodes_train(two_nodes, source, tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "succeeded" in output
+    # A log, not a terminal: no progress-bar redraws (cursor-up sequences) from Ray Data's actors.
+    assert "\x1b[A" not in output
     run_dir = tmp_path / "runs" / "halves"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["epochs"] == 1 and summary["evaluation"]["rows"] == 32

@@ -45,3 +45,28 @@ def test_ray_workers_import_tensorflow_with_the_settings():
         ray.shutdown()
     assert env == TENSORFLOW_ENV
     assert dense_module.startswith("tf_keras."), dense_module  # tf.keras is tf-keras, not Keras 3
+
+
+def test_ray_data_progress_is_lines_in_a_log_and_bars_on_a_terminal(monkeypatch):
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    monkeypatch.setattr(context, "use_ray_tqdm", True)
+    runtime.log_friendly_progress(attached_to_terminal=True)
+    assert context.use_ray_tqdm  # Ray's own bars, as a person at a terminal expects
+    runtime.log_friendly_progress(attached_to_terminal=False)
+    assert not context.use_ray_tqdm  # actors log a progress table per interval instead of redrawing bars
+    assert runtime.WORKER_ENV_VARS["RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL"] == "60"
+
+
+def test_provenance_names_the_versions_that_produced_a_result():
+    import ray
+    import tensorflow as tf
+
+    import pipeline
+
+    stamp = pipeline.provenance()
+    assert stamp["pipeline"] == pipeline.__version__
+    assert (stamp["tensorflow"], stamp["ray"]) == (tf.__version__, ray.__version__) and stamp["tf_keras"]
+    # A checkout (this one) records its commit; outside one it is null rather than a guess.
+    assert stamp["git_commit"] is None or len(stamp["git_commit"].split("-")[0]) == 40

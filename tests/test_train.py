@@ -61,6 +61,8 @@ def test_one_worker_trains_checkpoints_and_exports(source, tmp_path, training_ra
 
     # The latest checkpoint is always kept, plus the best by val_accuracy (num_to_keep=1).
     assert 1 <= len(checkpoints(run_dir)) <= 2
+    # What produced the run and its export: this package and the library versions.
+    assert summary["provenance"] == pipeline.provenance() and summary["provenance"]["tensorflow"]
     evaluation = summary["evaluation"]
     assert evaluation["split"] == "test" and evaluation["rows"] == 32
     assert 0 <= evaluation["accuracy"] <= 1
@@ -77,6 +79,7 @@ def test_one_worker_trains_checkpoints_and_exports(source, tmp_path, training_ra
     exported, metadata = load_model(run_dir)
     restored, _ = load_model(os.path.join(run_dir, checkpoints_by_epoch(run_dir)[-1]))
     assert metadata["class_names"] == manifest.class_names
+    assert metadata["provenance"]["ray"] == ray.__version__ and manifest.raw["provenance"]["tf_keras"]
     np.testing.assert_allclose(exported.predict(images, verbose=0), restored.predict(images, verbose=0), atol=1e-5)
     accuracy = np.mean(exported.predict(images, verbose=0).argmax(1) == np.array([r["label"] for r in rows]))
     assert accuracy > 0.5

@@ -105,10 +105,10 @@ def test_best_yaml_trains_unchanged_with_the_best_trials_config(asha_search, tra
 
 
 def test_pbt_continues_a_trial_from_a_better_trials_checkpoint(source, tmp_path, training_ray):
-    # Two trials that cannot tie: the standard narrow model and one a single channel wide, which
-    # barely learns. Ray's PBT exploits only when the lower trial reaches a perturbation point
-    # while the upper one holds a checkpoint from its own last point as the upper one; with
-    # trials of similar scores that order is left to timing. Five epochs: four points.
+    # Two trials that do not tie: the smoke model and one a single channel wide. Ray's PBT exploits
+    # only when the lower trial reaches a perturbation point while the upper one holds a
+    # checkpoint from its own last point as the upper one; with trials of equal scores that
+    # order is left to timing. Five epochs: four points.
     config = load_config(SMOKE_SEARCH, search_overrides(source, tmp_path, "pbt") + [
         "tune.scheduler=pbt", "tune.perturbation_interval=1", "train.epochs=5", "tune.num_samples=1",
         "tune.space={train.learning_rate: {uniform: [0.01, 0.06]}, model.width: {grid: [8, 1]}}"])
@@ -127,8 +127,10 @@ def test_pbt_continues_a_trial_from_a_better_trials_checkpoint(source, tmp_path,
 
     first, *later = segments(row["trial"])
     assert later and later[0]["from"]["trial"] == source_trial
-    # The weak trial took the strong one's whole config (its model too: the checkpoint's shape).
-    assert (first["params"]["model.width"], later[0]["params"]["model.width"]) == (1, 8)
+    # It took the other trial's whole config, its model too (the checkpoint's shape): model.* is
+    # not perturbed, so the width is one the source trial ran with. Which of the two trials is
+    # ahead when is left to training (the narrow one can lead early on).
+    assert later[0]["params"]["model.width"] in [segment["params"]["model.width"] for segment in segments(source_trial)]
     # PBT's explore multiplies the source's rate by 0.8 or 1.2 (or resamples it): a value neither
     # trial had before.
     rate = later[0]["params"]["train.learning_rate"]

@@ -23,6 +23,13 @@ class UnreadableImage(ValueError):
     """The bytes are not a decodable image; ``str(error)`` is the reason recorded in reports."""
 
 
+def is_hidden(name: str) -> bool:
+    """A file or folder name that is not content: .DS_Store, ._x.jpg (macOS resource forks),
+    .git/, .ipynb_checkpoints/, and __MACOSX/, the resource-fork folder macOS zips carry. The
+    data stage and inference skip the same names."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
 def is_image_path(path: str) -> bool:
     return str(path).lower().endswith(IMAGE_EXTENSIONS)
 

@@ -18,7 +18,6 @@ a re-run (or ``pipeline train``) costs a listing of the source, not a decode.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import json
@@ -33,8 +32,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+import pipeline
 from pipeline import storage
-from pipeline.config import Config, DataConfig, fingerprint, to_yaml
+from pipeline.config import Config, DataConfig, fingerprint, saved_dict, to_yaml
 from pipeline.data.images import UnreadableImage, decode_image
 from pipeline.data.manifest import (MANIFEST_NAME, SCHEMA_VERSION, Manifest, collect_garbage, lease,
                                     shard_relative_path)
@@ -443,7 +443,7 @@ def _commit(config: Config, source: Source, config_fingerprint: str, output: str
         "source": source.describe(),
         "source_fingerprint": source.fingerprint,
         "config_fingerprint": config_fingerprint,
-        "data_config": dataclasses.asdict(data),
+        "data_config": saved_dict(config)["data"],
         "class_names": source.class_names,
         "image_size": data.image_size,
         "channels": 3,
@@ -457,6 +457,7 @@ def _commit(config: Config, source: Source, config_fingerprint: str, output: str
         "images_per_second": round(seen / elapsed, 1),
         "timings": {key: round(value, 3) for key, value in timings.items()},
         "build": build,
+        "provenance": pipeline.provenance(),
     }
     storage.write_text(storage.join(output, "config.yaml"), to_yaml(config))
     storage.write_json(storage.join(output, MANIFEST_NAME), raw)  # the commit point

@@ -34,8 +34,8 @@ from typing import Optional, Union
 import numpy as np
 
 from pipeline import storage
-from pipeline.config import DataConfig
-from pipeline.data.images import IMAGE_EXTENSIONS, is_image_path
+from pipeline.config import DataConfig, redact_url
+from pipeline.data.images import IMAGE_EXTENSIONS, is_hidden, is_image_path
 
 # The official archive, as published on the CIFAR page (and as keras.datasets.cifar10 downloads it).
 CIFAR10_ARCHIVE_NAME = "cifar-10-python.tar.gz"
@@ -51,8 +51,8 @@ ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", "
 
 LOCAL_COPY_HINT = (
     "pass a local copy instead: --set data.source=/path/to/cifar-10-python.tar.gz "
-    "(or an extracted cifar-10-batches-py/ folder, or an image folder / archive such as "
-    "../shared/data/cifar10-jpeg-train.tar.gz)")
+    "(or an extracted cifar-10-batches-py/ folder, or an image folder of <class>/<image> files, "
+    "or such a folder packed as .tar.gz / .zip)")
 
 
 class SourceError(ValueError):
@@ -106,7 +106,7 @@ def resolve_source(data: DataConfig) -> Source:
     if spec == "cifar10":
         archive = download_cifar10(data.download_url, data.cache_dir)
         # download_cifar10 just verified the md5; no need to hash 170 MB again.
-        return _from_archive(archive, spec, data.cache_dir, known_md5=CIFAR10_ARCHIVE_MD5)
+        return _from_archive(archive, spec, data.cache_dir, ExtractLimits.of(data), known_md5=CIFAR10_ARCHIVE_MD5)
     if storage.is_uri(spec):
         raise SourceError(
             f"data.source={spec!r}: sources must be a local path (or 'cifar10'); copy the data to the "
@@ -117,7 +117,7 @@ def resolve_source(data: DataConfig) -> Source:
     if path.is_dir():
         return _from_folder(path, spec, fingerprint=None, archive=None)
     if is_archive_path(path):
-        return _from_archive(path, spec, data.cache_dir)
+        return _from_archive(path, spec, data.cache_dir, ExtractLimits.of(data))
     raise SourceError(
         f"data.source={spec!r} is a file but not an archive ({', '.join(ARCHIVE_SUFFIXES)}); give "
         f"'cifar10', an archive, a cifar-10-batches-py/ folder or an image folder")
@@ -147,19 +147,19 @@ def download_cifar10(url: str, cache_dir: str) -> Path:
         target.unlink()
 
     part = folder / f"{CIFAR10_ARCHIVE_NAME}.{uuid.uuid4().hex[:8]}.part"
-    say(f"downloading {url} -> {target}")
+    say(f"downloading {redact_url(url)} -> {target}")
     try:
         _fetch(url, part)
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as error:
         part.unlink(missing_ok=True)
         reason = getattr(error, "reason", None) or error
-        raise SourceError(f"cannot download CIFAR-10 from {url} ({reason}). Without internet access, "
+        raise SourceError(f"cannot download CIFAR-10 from {redact_url(url)} ({reason}). Without internet access, "
                           f"{LOCAL_COPY_HINT}") from None
     problem = official_archive_problem(part)
     if problem is not None:
         # Delete it so that the next attempt downloads again instead of failing on the same file.
         part.unlink(missing_ok=True)
-        raise SourceError(f"the file downloaded from {url} is not the official CIFAR-10 archive: {problem}; "
+        raise SourceError(f"the file downloaded from {redact_url(url)} is not the official CIFAR-10 archive: {problem}; "
                           f"it was deleted, retry the download, or {LOCAL_COPY_HINT}")
     os.replace(part, target)
     return target
@@ -206,7 +206,29 @@ def file_md5(path: Path) -> str:
 
 # ---------------------------------------------------------------- archives
 
-def _from_archive(archive: Path, spec: str, cache_dir: str, known_md5: Optional[str] = None) -> Source:
+@dataclass(frozen=True)
+class ExtractLimits:
+    """Caps on what an archive may unpack to (``data.max_extract_bytes`` / ``max_extract_members``),
+    checked from its headers before anything is written: an archive bomb is refused, not unpacked."""
+    max_bytes: int
+    max_members: int
+
+    @classmethod
+    def of(cls, data) -> "ExtractLimits":
+        return cls(data.max_extract_bytes, data.max_extract_members)
+
+    def check(self, archive: Path, sizes: list[int]) -> None:
+        if len(sizes) > self.max_members:
+            raise UnsafeArchive(f"refusing to extract {archive}: {len(sizes):,} members, more than "
+                                f"data.max_extract_members={self.max_members:,} (raise it if the archive is trusted)")
+        total = sum(sizes)
+        if total > self.max_bytes:
+            raise UnsafeArchive(f"refusing to extract {archive}: its members add up to {total:,} bytes, more than "
+                                f"data.max_extract_bytes={self.max_bytes:,} (raise it if the archive is trusted)")
+
+
+def _from_archive(archive: Path, spec: str, cache_dir: str, limits: ExtractLimits,
+                  known_md5: Optional[str] = None) -> Source:
     size = archive.stat().st_size
     md5 = known_md5 or file_md5(archive)
     # Only a file of exactly the official size is held to the official md5: small archives in the
@@ -215,7 +237,7 @@ def _from_archive(archive: Path, spec: str, cache_dir: str, known_md5: Optional[
         raise SourceError(f"{archive} is not the official CIFAR-10 archive: expected md5 "
                           f"{CIFAR10_ARCHIVE_MD5}, got {md5}; download it again, or {LOCAL_COPY_HINT}")
     fingerprint = f"archive-{size}-md5-{md5}"
-    folder = extract_archive(archive, Path(cache_dir).expanduser() / "extracted", key=md5[:16])
+    folder = extract_archive(archive, Path(cache_dir).expanduser() / "extracted", key=md5[:16], limits=limits)
     source = _from_folder(folder, spec, fingerprint=fingerprint, archive=str(archive))
     if source.kind == "cifar10" and size == CIFAR10_ARCHIVE_BYTES and md5 != CIFAR10_ARCHIVE_MD5:
         raise SourceError(f"{archive} has the official CIFAR-10 size but not its md5 (expected "
@@ -231,7 +253,7 @@ def _archive_stem(name: str) -> str:
     return name
 
 
-def extract_archive(archive: Path, cache: Path, key: str) -> Path:
+def extract_archive(archive: Path, cache: Path, key: str, limits: Optional[ExtractLimits] = None) -> Path:
     """Extract ``archive`` into ``cache/<stem>-<key>`` once; later calls reuse the folder.
 
     Extraction goes to a temporary sibling folder that is renamed when complete, so a crashed or
@@ -247,10 +269,11 @@ def extract_archive(archive: Path, cache: Path, key: str) -> Path:
     started = time.monotonic()
     try:
         temporary.mkdir()
+        limits = limits or ExtractLimits.of(DataConfig())
         if archive.name.lower().endswith(".zip"):
-            _extract_zip(archive, temporary)
+            _extract_zip(archive, temporary, limits)
         else:
-            _extract_tar(archive, temporary)
+            _extract_tar(archive, temporary, limits)
         _check_links_inside(archive, temporary)
         try:
             os.rename(temporary, final)
@@ -280,10 +303,11 @@ def _escapes(link_target: str) -> bool:
     return normalized == ".." or normalized.startswith("../") or os.path.isabs(normalized)
 
 
-def _extract_tar(archive: Path, target: Path) -> None:
+def _extract_tar(archive: Path, target: Path, limits: ExtractLimits) -> None:
     try:
         with tarfile.open(archive, "r:*") as tar:
             members = tar.getmembers()
+            limits.check(archive, [member.size for member in members if member.isfile()])
             for member in members:
                 reason = _unsafe_tar_member_reason(member)
                 if reason:
@@ -319,9 +343,10 @@ def _unsafe_tar_member_reason(member: tarfile.TarInfo) -> Optional[str]:
     return None
 
 
-def _extract_zip(archive: Path, target: Path) -> None:
+def _extract_zip(archive: Path, target: Path, limits: ExtractLimits) -> None:
     try:
         with zipfile.ZipFile(archive) as package:
+            limits.check(archive, [info.file_size for info in package.infolist()])
             for info in package.infolist():
                 reason = _unsafe_name_reason(info.filename)
                 if reason:
@@ -347,13 +372,10 @@ def _check_links_inside(archive: Path, target: Path) -> None:
 
 # ---------------------------------------------------------------- layouts
 
-def _hidden(name: str) -> bool:
-    # .DS_Store, ._resource forks, .git; __MACOSX is the resource-fork folder macOS zips carry.
-    return name.startswith(".") or name == "__MACOSX"
 
 
 def _subfolders(folder: Path) -> list[str]:
-    return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not _hidden(entry.name))
+    return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not is_hidden(entry.name))
 
 
 def _cifar_folder(folder: Path) -> Optional[Path]:
@@ -479,8 +501,8 @@ def _list_image_files(class_folder: Path) -> list[Path]:
     """Image files anywhere under ``class_folder`` in sorted relative-path order; other files ignored."""
     found = []
     for folder, dirnames, filenames in os.walk(class_folder):
-        dirnames[:] = sorted(name for name in dirnames if not _hidden(name))
-        found += [Path(folder, name) for name in filenames if not _hidden(name) and is_image_path(name)]
+        dirnames[:] = sorted(name for name in dirnames if not is_hidden(name))
+        found += [Path(folder, name) for name in filenames if not is_hidden(name) and is_image_path(name)]
     return sorted(found, key=lambda path: path.relative_to(class_folder).as_posix())
 
 

@@ -1,10 +1,10 @@
-"""The ResNet family: a table of variants and one Functional-API builder.
+"""The ResNet family's builder (its variants are rows of ``pipeline.models.registry``).
 
 A variant is only a block type and the number of blocks per stage (as in timm); everything else
 (stem, width, conv biases, input normalisation) comes from ``ModelConfig``. The seed config,
 ``ModelConfig(name="resnet18", stem="cifar", width=64, use_bias=True, normalization="scale")``,
 rebuilds the original tutorial's network layer for layer, with its exact parameter counts
-(11,184,778 in total; see /work/shared/SEED.md and ``parameter_counts``).
+(11,184,778 in total, as the tutorial reports; see ``parameter_counts`` and tests/test_models.py).
 
 The model takes RAW RGB pixels, float32 in [0, 255], shape (batch, size, size, 3): normalisation
 is the model's first layer, so a saved ``.keras`` file is all that inference needs. Only stock
@@ -17,9 +17,6 @@ layer) and ``probabilities`` (the softmax); ``parameter_counts`` groups weights 
 from __future__ import annotations
 
 import functools
-
-import difflib
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -28,58 +25,11 @@ import pipeline  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is im
 import tf_keras as keras
 
 from pipeline.config import ModelConfig
-
-BLOCK_TYPES = ("basic", "bottleneck")
+from pipeline.models.registry import STEM_STRIDES, get_variant, minimum_image_size
 
 # A bottleneck block's last 1x1 conv widens its output to 4x the block's inner channels
 # (He et al. 2016, Table 1): stage 1 of ResNet-50 has 64 inner and 256 output channels.
 BOTTLENECK_EXPANSION = 4
-
-# Total spatial downsampling of each stem (conv stride x pool stride).
-STEM_STRIDES = {"cifar": 1, "imagenet": 4}
-
-
-@dataclass(frozen=True)
-class ResNetVariant:
-    """One depth of the family: block type and number of residual blocks in each stage."""
-
-    block: str
-    blocks_per_stage: tuple[int, ...]
-
-    def __post_init__(self):
-        if self.block not in BLOCK_TYPES:
-            raise ValueError(f"block must be one of {BLOCK_TYPES}, got {self.block!r}")
-        if not self.blocks_per_stage or any(count < 1 for count in self.blocks_per_stage):
-            raise ValueError(f"blocks_per_stage must be positive counts, got {self.blocks_per_stage!r}")
-
-
-VARIANTS: dict[str, ResNetVariant] = {
-    "resnet18": ResNetVariant(block="basic", blocks_per_stage=(2, 2, 2, 2)),
-    "resnet34": ResNetVariant(block="basic", blocks_per_stage=(3, 4, 6, 3)),
-    "resnet50": ResNetVariant(block="bottleneck", blocks_per_stage=(3, 4, 6, 3)),
-    "resnet101": ResNetVariant(block="bottleneck", blocks_per_stage=(3, 4, 23, 3)),
-    "resnet152": ResNetVariant(block="bottleneck", blocks_per_stage=(3, 8, 36, 3)),
-}
-
-
-def get_variant(name: str) -> ResNetVariant:
-    """The variant called ``name``; an unknown name raises ValueError with the closest match."""
-    if name in VARIANTS:
-        return VARIANTS[name]
-    closest = difflib.get_close_matches(str(name), list(VARIANTS), n=1, cutoff=0.5)
-    suggestion = f"; did you mean '{closest[0]}'?" if closest else ""
-    raise ValueError(f"unknown model '{name}'{suggestion} (valid names: {', '.join(VARIANTS)})")
-
-
-def minimum_image_size(config: ModelConfig) -> int:
-    """Smallest input side (pixels) whose last stage still sees at least one real pixel.
-
-    With "same" padding a too-small image would not crash; the later stages would simply
-    convolve padding, so the model would train on nothing. We refuse such sizes instead:
-    the stem and every stage after the first halve the resolution once.
-    """
-    variant = get_variant(config.name)
-    return STEM_STRIDES[config.stem] * 2 ** (len(variant.blocks_per_stage) - 1)
 
 
 def build_model(

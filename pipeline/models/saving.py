@@ -44,6 +44,7 @@ def model_metadata(*, kind: str, class_names, image_size: int, config: dict, mea
         "normalization": {"mean": mean, "std": std},
         "model": config["model"],
         "config": config,
+        "provenance": pipeline.provenance(),
         **extra,
     }
 
@@ -116,7 +117,7 @@ def load_model(path: str):
     import tf_keras as keras
 
     from pipeline.config import ModelConfig
-    from pipeline.models.resnet import build_model
+    from pipeline.models.registry import create_model
 
     folder = find_model_dir(path)
     metadata = storage.read_json(storage.join(folder, "metadata.json"))
@@ -125,7 +126,7 @@ def load_model(path: str):
         if metadata["kind"] == "export":
             model = keras.models.load_model(os.path.join(local_folder, "model.keras"), compile=False)
         else:
-            model = build_model(
+            model = create_model(
                 ModelConfig(**metadata["model"]),
                 num_classes=len(metadata["class_names"]),
                 image_size=metadata["image_size"],

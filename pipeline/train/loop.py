@@ -27,9 +27,10 @@ import tf_keras as keras
 
 from pipeline import storage
 from pipeline.config import batch_sizes, from_dict, per_replica_batch_size, replicas_per_worker, scaled_learning_rate
-from pipeline.models.resnet import build_model
+from pipeline.models.registry import create_model
 from pipeline.models.saving import model_metadata, restore_checkpoint, save_export, write_checkpoint
 from pipeline.train import devices, inputs
+from pipeline.train.history import write_history
 from pipeline.train.schedules import schedule_from_config
 
 
@@ -95,7 +96,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 batch_size=replica_batch, steps=validation_batches, drop_remainder=False))
 
     with strategy.scope():
-        model = build_model(config.model, num_classes=num_classes, image_size=image_size,
+        model = create_model(config.model, num_classes=num_classes, image_size=image_size,
                             mean=dataset_info["mean"], std=dataset_info["std"])
         optimizer = make_optimizer(config, train_steps, precision)
         model.compile(optimizer=optimizer, loss=keras.losses.CategoricalCrossentropy(
@@ -298,17 +299,10 @@ class TensorBoardToStorage(keras.callbacks.TensorBoard):
         storage.upload_dir(self.local, self.target)
 
 
-def write_history(history: list[dict], run_dir: str) -> None:
-    storage.write_json(storage.join(run_dir, "history.json"), history)
-    columns = list(dict.fromkeys(key for row in history for key in row))
-    lines = [",".join(columns)] + [",".join(str(row.get(key, "")) for key in columns) for row in history]
-    storage.write_text(storage.join(run_dir, "history.csv"), "\n".join(lines) + "\n")
-
-
 def finish(weights, config, dataset_info, metadata, run_dir) -> None:
     """Rank 0, after training: float32 copy -> test evaluation -> export -> evaluation.json."""
     keras.mixed_precision.set_global_policy("float32")
-    serving_model = build_model(config.model, num_classes=len(dataset_info["class_names"]),
+    serving_model = create_model(config.model, num_classes=len(dataset_info["class_names"]),
                                 image_size=dataset_info["image_size"], mean=dataset_info["mean"],
                                 std=dataset_info["std"])
     serving_model.set_weights(weights)

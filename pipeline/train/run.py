@@ -16,7 +16,7 @@ import math
 import re
 import time
 
-import pipeline  # noqa: F401
+import pipeline
 import ray.train
 from ray.train.tensorflow import TensorflowTrainer
 
@@ -25,6 +25,7 @@ from pipeline.config import Config, batch_sizes, scaled_learning_rate, to_dict, 
 from pipeline.data.manifest import images_from_column, lease
 from pipeline.data.preprocess import ensure_preprocessed
 from pipeline.preflight import worker_request
+from pipeline.train.history import columns as history_columns
 from pipeline.train.loop import train_loop_per_worker
 
 
@@ -180,7 +181,7 @@ def summarise(config: Config, manifest, run_dir: str, result, wall_seconds: floa
     history = storage.read_json(storage.join(run_dir, "history.json"))
     evaluation = storage.read_json(storage.join(run_dir, "evaluation.json"))
     plots_dir = storage.join(run_dir, "plots")
-    plots = reports.plot_history(_columns(history), plots_dir)
+    plots = reports.plot_history(history_columns(history), plots_dir)
     sample = manifest.read_split("train").limit(25).to_pandas()
     grid = storage.join(plots_dir, "train_images.png")
     reports.plot_image_grid(images_from_column(sample["image"].to_numpy(), manifest.image_size),
@@ -201,6 +202,7 @@ def summarise(config: Config, manifest, run_dir: str, result, wall_seconds: floa
         "export": evaluation.get("export"),
         "plots": plots + [grid],
         "config": to_dict(config),
+        "provenance": pipeline.provenance(),
     }
     storage.write_json(storage.join(run_dir, "summary.json"), summary)
     return summary
@@ -210,8 +212,3 @@ def _worker_records(run_dir: str) -> list[dict]:
     """What each worker saw when it started (see ``loop.record_worker``), by rank."""
     folder = storage.join(run_dir, "workers")
     return [storage.read_json(storage.join(folder, name)) for name in storage.list_dir(folder) if name.endswith(".json")]
-
-
-def _columns(history: list[dict]) -> dict[str, list[float]]:
-    keys = list(dict.fromkeys(key for row in history for key in row))
-    return {key: [row.get(key) for row in history] for key in keys}

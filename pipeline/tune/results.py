@@ -14,6 +14,7 @@ import re
 
 import yaml
 
+import pipeline
 from pipeline import reports, storage
 from pipeline.config import TUNE_METRICS, Config
 
@@ -72,6 +73,7 @@ def write_results(config: Config, dimensions, search_dir: str, result_grid, wall
     counts = {status: sum(row["status"] == status for row in rows) for status in (COMPLETED, EARLY_STOPPED, FAILED)}
     summary = {
         "search": config.tune.name or config.recipe, "search_dir": search_dir, "metric": metric, "mode": mode,
+        "provenance": pipeline.provenance(),
         "trials": len(rows), **counts, "wall_seconds": round(wall_seconds, 1),
         "results_csv": csv_path, "best_yaml": best_yaml, "plots": [plot for plot in plots if plot],
         "best": None if best is None else {

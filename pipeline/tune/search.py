@@ -28,7 +28,8 @@ from ray.train import UserCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining, TrialScheduler
 
 from pipeline import PipelineError, runtime, storage
-from pipeline.config import TUNE_METRICS, Config, ConfigError, from_dict, to_dict, to_yaml, with_absolute_paths
+from pipeline.config import (TUNE_METRICS, Config, ConfigError, from_dict, saved_dict, to_dict, to_yaml,
+                             with_absolute_paths)
 from pipeline.tune import results
 from pipeline.tune.space import Dimension, param_space, parse_space, pbt_mutations, trial_config
 
@@ -211,7 +212,8 @@ def _check_same_search(search_dir: str, config: Config, resuming: bool) -> None:
         return
     import yaml
 
-    saved, current = _flat(to_dict(from_dict(yaml.safe_load(storage.read_text(saved_path))))), _flat(to_dict(config))
+    saved = _flat(to_dict(from_dict(yaml.safe_load(storage.read_text(saved_path)))))
+    current = _flat(saved_dict(config))  # as saved: a download URL's credentials are not in the file
     changed = sorted(key for key in set(saved) | set(current)
                      if saved.get(key) != current.get(key) and key not in RESUMABLE_CHANGES and key != "recipe")
     if changed:

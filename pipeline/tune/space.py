@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import (
-    Config, ConfigError, _suggest, check_value, field_base_type, from_dict, to_dict, validate)
+    Config, ConfigError, check_value, did_you_mean, field_base_type, from_dict, to_dict, validate)
 
 DISTRIBUTIONS = ("loguniform", "uniform", "integer", "choice", "grid")
 RANGES = ("loguniform", "uniform", "integer")
@@ -112,7 +112,7 @@ def _parse_dimension(key: str, spec) -> Dimension:
                           f"{{choice: [a, b]}} (one of {', '.join(DISTRIBUTIONS)}), got {spec!r}")
     distribution, values = next(iter(spec.items()))
     if distribution not in DISTRIBUTIONS:
-        raise ConfigError(f"{where}: unknown distribution '{distribution}'{_suggest(str(distribution), list(DISTRIBUTIONS))} "
+        raise ConfigError(f"{where}: unknown distribution '{distribution}'{did_you_mean(str(distribution), list(DISTRIBUTIONS))} "
                           f"(one of {', '.join(DISTRIBUTIONS)})")
     if not isinstance(values, list) or not values:
         raise ConfigError(f"{where}: {distribution} needs a list, e.g. {distribution}: "
