@@ -161,7 +161,7 @@ def test_optuna_search_with_relative_paths(source, tmp_path, training_ray, monke
 def test_a_search_whose_every_trial_fails_exits_with_the_reason(source, tmp_path, training_ray, capsys):
     arguments = ["tune", "--config", SMOKE_SEARCH]
     for override in search_overrides(source, tmp_path, "diverged") + [
-            "tune.space={train.learning_rate: {grid: [1.0e+30]}}", "tune.num_samples=1", "train.epochs=2",
+            "tune.space={train.learning_rate: {grid: [1.0e+30]}}", "tune.num_samples=1", "train.epochs=1",
             "tune.scheduler=fifo"]:
         arguments += ["--set", override]
     assert cli.main(arguments) == 1
