@@ -125,16 +125,20 @@ def test_pbt_continues_a_trial_from_a_better_trials_checkpoint(source, tmp_path,
     def segments(trial):
         return storage.read_json(os.path.join(summary["search_dir"], "trials", f"{trial}.json"))["segments"]
 
-    first, *later = segments(row["trial"])
-    assert later and later[0]["from"]["trial"] == source_trial
+    # A trial's later segments start from a checkpoint: the other trial's (an exploit) or its own
+    # (PBT pauses a trial while another waits for resources, and resumes it).
+    own = segments(row["trial"])
+    index = next((i for i, segment in enumerate(own) if i and segment["from"]["trial"] == source_trial), None)
+    assert index is not None, own
+    handed = own[index]
     # It took the other trial's whole config, its model too (the checkpoint's shape): model.* is
     # not perturbed, so the width is one the source trial ran with. Which of the two trials is
     # ahead when is left to training (the narrow one can lead early on).
-    assert later[0]["params"]["model.width"] in [segment["params"]["model.width"] for segment in segments(source_trial)]
+    assert handed["params"]["model.width"] in [segment["params"]["model.width"] for segment in segments(source_trial)]
     # PBT's explore multiplies the source's rate by 0.8 or 1.2 (or resamples it): a value neither
     # trial had before.
-    rate = later[0]["params"]["train.learning_rate"]
-    assert rate != first["params"]["train.learning_rate"]
+    rate = handed["params"]["train.learning_rate"]
+    assert rate != own[index - 1]["params"]["train.learning_rate"]
     assert rate not in [segment["params"]["train.learning_rate"] for segment in segments(source_trial)]
     history = storage.read_json(os.path.join(row["run_dir"], "history.json"))
     assert [entry["epoch"] for entry in history] == [1, 2, 3, 4, 5]
