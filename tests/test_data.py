@@ -165,6 +165,13 @@ def test_cifar_round_trip_every_pixel_and_label(cifar, form, tmp_path, ray_local
         pixels = images_from_column(table["image"].to_numpy(), 32)
         for id_, image in zip(table["id"], pixels):
             np.testing.assert_array_equal(image, expected[id_][0])
+    # The first rows in shard order, across the shard boundary at 16, without Ray Data.
+    head = manifest.head("train", 20)
+    order = pq.read_table(manifest.shard_paths("train")[0]).column("id").to_pylist() + \
+        pq.read_table(manifest.shard_paths("train")[1]).column("id").to_pylist()
+    assert head.column("id").to_pylist() == order[:20]
+    for id_, image in zip(head.column("id").to_pylist(), images_from_column(head.column("image"), 32)):
+        np.testing.assert_array_equal(image, expected[id_][0])
 
 
 def test_cifar_resized_rows_match_decode_image_resize(cifar, tmp_path, ray_local):

@@ -54,27 +54,30 @@ def test_every_stage_on_s3(source, s3_environment, s3_ray, tmp_path):
     manifest = run_preprocess(load_config(smoke, common))
     assert storage.exists(f"{BUCKET}/data/manifest.json") and manifest.rows("train") == 128
 
-    # One epoch, then the same run asked for two: it resumes from its checkpoint in the bucket.
-    summary = run_training(load_config(smoke, common + ["run.name=s3run", "train.epochs=1", "train.precision=fp32"]))
-    assert summary["run_dir"] == f"{BUCKET}/runs/s3run" and summary["checkpoint"].startswith("pipeline-test/runs/s3run")
-    first = storage.read_json(f"{BUCKET}/runs/s3run/history.json")
-    summary = run_training(load_config(smoke, common + ["run.name=s3run", "train.epochs=2", "train.precision=fp32"]))
-    history = storage.read_json(f"{BUCKET}/runs/s3run/history.json")
-    assert [row["epoch"] for row in history] == [1, 2] and history[:1] == first
-    assert storage.exists(f"{BUCKET}/runs/s3run/export/metadata.json")
-
+    # A search into the bucket: its one trial trains an epoch, with its checkpoint, run folder and
+    # export there.
     search = run_search(load_config(os.path.join(REPO, "configs/search-smoke.yaml"), common + [
         "tune.name=s3search", "tune.scheduler=fifo", "tune.num_samples=1", "train.epochs=1",
-        "tune.max_concurrent_trials=1", "tune.space={train.learning_rate: {grid: [0.05]}}"]))
+        "tune.max_concurrent_trials=1", "tune.space={train.learning_rate: {grid: [0.05]}}", "train.precision=fp32"]))
     assert search["completed"] == 1 and search["search_dir"] == f"{BUCKET}/searches/s3search"
     assert storage.exists(f"{BUCKET}/searches/s3search/best.yaml")
     assert storage.exists(search["best"]["export"] if "://" in search["best"]["export"]
                           else f"s3://{search['best']['export']}")
 
+    # The trial's run asked for two epochs: it resumes from its checkpoint in the bucket.
+    trials, trial = f"{BUCKET}/searches/s3search/trials", search["best"]["trial"]
+    first = storage.read_json(f"{trials}/{trial}/history.json")
+    summary = run_training(load_config(smoke, common + [f"run.storage_path={trials}", f"run.name={trial}",
+                                                        "train.epochs=2", "train.precision=fp32"]))
+    assert summary["run_dir"] == f"{trials}/{trial}" and summary["checkpoint"].startswith(f"pipeline-test/")
+    history = storage.read_json(f"{trials}/{trial}/history.json")
+    assert [row["epoch"] for row in history] == [1, 2] and history[:1] == first
+    assert storage.exists(f"{trials}/{trial}/export/metadata.json")
+
     # Predict: images uploaded to the bucket, predictions written back to it.
     storage.upload_dir(os.path.join(source, "test"), f"{BUCKET}/photos")
     result = run_inference(load_config(smoke, common + [
-        f"infer.model={BUCKET}/runs/s3run", f"infer.input={BUCKET}/photos", f"infer.output={BUCKET}/predictions.csv"]))
+        f"infer.model={trials}/{trial}", f"infer.input={BUCKET}/photos", f"infer.output={BUCKET}/predictions.csv"]))
     assert result["files_seen"] == 32 and result["classified"] == 32 and result["failed"] == 0
     assert result["accuracy"] is not None  # class folders in the bucket label the images
     predictions = list(csv.DictReader(io.StringIO(storage.read_text(f"{BUCKET}/predictions.csv"))))

@@ -114,7 +114,7 @@ def test_pbt_continues_a_trial_from_a_better_trials_checkpoint(source, tmp_path,
         "tune.space={train.learning_rate: {uniform: [0.01, 0.06]}, model.width: {grid: [8, 1]}}"])
     summary = run_search(config)
     rows = rows_of(summary)
-    assert {row["status"] for row in rows} == {"completed"}
+    assert {row["status"] for row in rows} == {"completed"}, [(row["trial"], row["error"]) for row in rows]
     exploited = [row for row in rows if row["pbt_exploits"]]
     assert exploited, rows
     row = exploited[0]

@@ -182,10 +182,10 @@ def summarise(config: Config, manifest, run_dir: str, result, wall_seconds: floa
     evaluation = storage.read_json(storage.join(run_dir, "evaluation.json"))
     plots_dir = storage.join(run_dir, "plots")
     plots = reports.plot_history(history_columns(history), plots_dir)
-    sample = manifest.read_split("train").limit(25).to_pandas()
+    sample = manifest.head("train", 25)
     grid = storage.join(plots_dir, "train_images.png")
-    reports.plot_image_grid(images_from_column(sample["image"].to_numpy(), manifest.image_size),
-                            sample["label"].to_numpy(), manifest.class_names, grid)
+    reports.plot_image_grid(images_from_column(sample.column("image"), manifest.image_size),
+                            sample.column("label").to_numpy(), manifest.class_names, grid)
     last = history[-1] if history else {}
     speeds = [row["images_per_second"] for row in history]
     summary = {

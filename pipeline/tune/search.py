@@ -302,27 +302,57 @@ class ReportCheckpointsToTune(UserCallback):
 CHECKPOINT_PARTS = ("state.json", "metadata.json", "tf_checkpoint")
 
 
-def _settled_copy(checkpoint, target: str, attempts: int = 10):
+def _settled_copy(checkpoint, target: str, attempts: int = 10, wait_seconds: float = 3.0):
     """A complete copy of a checkpoint Tune handed over, in this run's folder. Tune may be
     re-writing the source folder at this moment (a trial restarted from its own checkpoint
-    persists it again), so a copy is taken only once every part is there, and retried."""
+    persists it again), so a copy is taken only once every part is there, and retried.
+
+    PBT hands over the better trial's latest checkpoint *when it decides*; that trial trains on
+    while this one restarts, and Tune's checkpoint manager may delete the folder meanwhile (it keeps
+    ``PBT_CHECKPOINTS_TO_KEEP`` registrations, and registers a checkpoint again when PBT pauses a
+    trial). The trial then continues from the better trial's newest complete checkpoint instead:
+    the same exploit, a few epochs later, and the epochs come with the checkpoint."""
     for attempt in range(attempts):
-        try:
-            with checkpoint.as_directory() as local:
-                if all(os.path.exists(os.path.join(local, part)) for part in CHECKPOINT_PARTS):
+        source = _handed_over_or_newest(checkpoint)
+        if source is not None:
+            try:
+                with source.as_directory() as local:
                     staging = tempfile.mkdtemp(prefix="start-checkpoint-")
                     try:
                         shutil.copytree(local, staging, dirs_exist_ok=True)
                         if all(os.path.exists(os.path.join(staging, part)) for part in CHECKPOINT_PARTS):
+                            if source.path != checkpoint.path:
+                                print(f"{checkpoint.path} was deleted before this trial could copy it (the source "
+                                      f"trial trained on meanwhile); continuing from its newest, {source.path}")
                             storage.delete(target)
                             storage.upload_dir(staging, target)
                             return tune.Checkpoint(target)
                     finally:
                         shutil.rmtree(staging, ignore_errors=True)
-        except (OSError, shutil.Error):
-            pass  # parts vanished while copying: the source is being re-written
-        time.sleep(3)
+            except (OSError, shutil.Error):
+                pass  # parts vanished while copying: the source is being re-written
+        time.sleep(wait_seconds)
     raise PipelineError(f"the checkpoint {checkpoint.path} handed over by Tune stayed incomplete")
+
+
+def _handed_over_or_newest(checkpoint):
+    """The handed-over checkpoint while it is complete; once its folder is gone, the newest complete
+    ``checkpoint_*`` beside it (the same trial's); None while neither is (a copy is being written)."""
+    from pyarrow.fs import FileSelector, FileType
+
+    filesystem = checkpoint.filesystem
+
+    def complete(path: str) -> bool:
+        infos = filesystem.get_file_info([f"{path}/{part}" for part in CHECKPOINT_PARTS])
+        return all(info.type != FileType.NotFound for info in infos)
+
+    if filesystem.get_file_info(checkpoint.path).type != FileType.NotFound:
+        return checkpoint if complete(checkpoint.path) else None
+    parent = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
+    siblings = sorted((info.path for info in filesystem.get_file_info(FileSelector(parent, allow_not_found=True))
+                       if info.type == FileType.Directory and info.base_name.startswith("checkpoint_")), reverse=True)
+    newest = next((path for path in siblings if complete(path)), None)
+    return tune.Checkpoint(newest, filesystem) if newest else None
 
 
 def _checkpoint_origin(checkpoint) -> dict:
