@@ -134,15 +134,14 @@ class TrainConfig:
         "auto", "compile the train step with XLA; auto: on with GPUs (fused kernels), off on CPUs "
         "(measured slower there, see BENCHMARKS.md)", auto=True)
     shuffle_buffer_size: int = param(
-        10000, "rows in each worker's local shuffle buffer, on top of a per-epoch block-order shuffle", min=0)
+        10000, "rows in each worker's local shuffle buffer, on top of a new shard-file order every epoch", min=0)
     checkpoint_every_epochs: int = param(1, "report a checkpoint every N epochs (and at the last)", min=1)
     checkpoints_to_keep: int = param(
         1, "best checkpoints kept by val_accuracy; the latest is always kept as well", min=1)
     max_failures: int = param(2, "restarts from the latest checkpoint after a worker dies", min=-1)
     seed: Optional[int] = param(
-        0, "seed of the initial weights, the augmentation and each worker's shuffle buffer (per epoch); "
-        "null: all random. The block order Ray Data streams is reshuffled at random every epoch either way",
-        min=0)
+        0, "seed of the initial weights, the augmentation, each worker's shuffle buffer and the "
+        "shard-file order (both per epoch); null: all random", min=0)
 
 
 @dataclass

@@ -65,7 +65,6 @@ def test_one_worker_trains_checkpoints_and_exports(source, tmp_path, training_ra
     assert summary["provenance"] == pipeline.provenance() and summary["provenance"]["tensorflow"]
     evaluation = summary["evaluation"]
     assert evaluation["split"] == "test" and evaluation["rows"] == 32
-    assert 0 <= evaluation["accuracy"] <= 1
     for name in ("config.yaml", "history.csv", "summary.json", "evaluation.json", "plots/loss.png",
                  "plots/accuracy.png", "plots/top5_accuracy.png", "plots/train_images.png"):
         assert os.path.getsize(os.path.join(run_dir, name)) > 0, name
@@ -83,6 +82,13 @@ def test_one_worker_trains_checkpoints_and_exports(source, tmp_path, training_ra
     np.testing.assert_allclose(exported.predict(images, verbose=0), restored.predict(images, verbose=0), atol=1e-5)
     accuracy = np.mean(exported.predict(images, verbose=0).argmax(1) == np.array([r["label"] for r in rows]))
     assert accuracy > 0.5
+    # The recorded test evaluation is the exported model's, over every test row.
+    table = manifest.read_split("test").to_pandas()
+    probabilities = exported.predict(images_from_column(table["image"].to_numpy(), manifest.image_size)
+                                     .astype("float32"), verbose=0)
+    labels = table["label"].to_numpy()
+    assert evaluation["accuracy"] == np.mean(probabilities.argmax(1) == labels)
+    assert evaluation["loss"] == pytest.approx(-np.mean(np.log(probabilities[np.arange(32), labels])), rel=1e-4)
 
     # The same run name with a wider model: its checkpoints cannot be resumed, and the finished
     # run is left as it was.

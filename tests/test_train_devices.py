@@ -110,6 +110,7 @@ TWO_REPLICAS = r"""
 import sys
 import numpy as np
 import pipeline
+import pyarrow as pa
 import tensorflow as tf
 import tf_keras as keras
 from tensorflow.python.distribute.collective_all_reduce_strategy import CollectiveAllReduceStrategy
@@ -124,15 +125,14 @@ assert strategy.num_replicas_in_sync == 2
 class Shard:  # the slice of ray.data.DataIterator that shard_to_dataset uses
     def __init__(self, rows):
         self.rows, self.served = rows, 0
-    def iter_batches(self, batch_size, drop_last, **_):
-        for start in range(0, self.rows, batch_size):
-            count = min(batch_size, self.rows - start)
-            if drop_last and count < batch_size:
-                return
+    def iter_batches(self, batch_size, batch_format, **_):
+        assert batch_size is None and batch_format == "pyarrow"  # whole blocks, of 7 rows here
+        for start in range(0, self.rows, 7):
+            count = min(7, self.rows - start)
             self.served += count
             labels = np.arange(start, start + count) % 2
             images = [bytes([255 * int(label)] * 48) for label in labels]
-            yield {"image": np.array(images, dtype=object), "label": labels}
+            yield pa.table({"image": pa.array(images, pa.binary()), "label": labels})
 
 per_replica, replicas = 8, 2
 train, val = Shard(100), Shard(41)
@@ -167,5 +167,5 @@ def test_a_worker_with_two_replicas_trains_on_its_whole_shard_and_evaluates_ever
     line = next((line for line in result.stdout.splitlines() if line.startswith("RESULT")), None)
     assert line, result.stdout[-2000:] + result.stderr[-4000:]
     steps, iterations, train_served, val_served, accuracy = line.split()[1:]
-    assert (int(steps), int(iterations), int(train_served), int(val_served)) == (6, 6, 96, 41)
+    assert (int(steps), int(iterations), int(train_served), int(val_served)) == (6, 6, 100, 41)
     assert float(accuracy) == 1.0  # black vs white: learnt, and counted over all 41 rows

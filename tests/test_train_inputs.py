@@ -1,4 +1,5 @@
 import numpy as np
+import pyarrow as pa
 import pytest
 
 import pipeline  # noqa: F401
@@ -57,3 +58,65 @@ def test_worker_seeds_follow_train_seed_and_differ_per_worker_and_epoch():
     seeds = {inputs.worker_seed(7, rank, epoch) for rank in range(4) for epoch in range(10)}
     assert len(seeds) == 40 and all(0 <= seed < 2**31 for seed in seeds)
     assert inputs.worker_seed(7, 1, 2) == inputs.worker_seed(7, 1, 2) != inputs.worker_seed(8, 1, 2)
+
+
+class FakeShard:
+    """The part of ray.data.DataIterator that shard_batches uses: whole Arrow blocks of uneven
+    sizes, each row's label its index and its pixels the index's low byte."""
+
+    def __init__(self, block_sizes):
+        self.block_sizes = block_sizes
+
+    def iter_batches(self, batch_size, batch_format, **_):
+        assert batch_size is None and batch_format == "pyarrow"
+        start = 0
+        for size in self.block_sizes:
+            labels = np.arange(start, start + size)
+            images = pa.array([bytes([label % 256]) * 12 for label in labels], pa.binary())
+            yield pa.table({"id": [str(label) for label in labels], "label": labels, "image": images})
+            start += size
+
+
+@pytest.mark.parametrize("buffer", [0, 5, 64, 1000])
+def test_shard_batches_give_every_row_once_in_whole_batches(buffer):
+    shard = FakeShard([3, 40, 1, 17, 64, 2])  # 127 rows
+    batches = list(inputs.shard_batches(shard, image_size=2, batch_size=16, shuffle_buffer_size=buffer,
+                                        shuffle_seed=1))
+    assert [len(labels) for _, labels in batches] == [16] * 7  # 112 rows; the last 15 dropped
+    labels = np.concatenate([labels for _, labels in batches])
+    assert len(set(labels)) == 112 and labels.dtype == np.int32
+    for images, batch_labels in batches:  # pixels travel with their labels
+        assert images.shape == (len(batch_labels), 2, 2, 3) and images.dtype == np.uint8
+        np.testing.assert_array_equal(images[:, 0, 0, 0], batch_labels % 256)
+    if buffer == 0:
+        np.testing.assert_array_equal(labels, np.arange(112))  # no buffer: stream order
+    else:
+        assert not np.array_equal(labels, np.sort(labels))
+    if buffer >= 127:  # a buffer holding the whole shard is a full shuffle: the dropped 15 are random
+        assert sorted(set(range(127)) - set(labels)) != list(range(112, 127))
+    kept = list(inputs.shard_batches(shard, image_size=2, batch_size=16, shuffle_buffer_size=buffer,
+                                     shuffle_seed=1, drop_remainder=False))
+    assert [len(labels) for _, labels in kept] == [16] * 7 + [15]
+    assert sorted(np.concatenate([labels for _, labels in kept])) == list(range(127))
+
+
+def test_shuffle_buffer_is_seeded_and_mixes_far_apart_rows():
+    shard = FakeShard([100] * 20)
+    def order(seed):
+        return np.concatenate([labels for _, labels in inputs.shard_batches(
+            shard, image_size=2, batch_size=50, shuffle_buffer_size=500, shuffle_seed=seed)])
+    assert np.array_equal(order(3), order(3)) and not np.array_equal(order(3), order(4))
+    first = order(3)[:500]
+    # A 500-row buffer: the first 500 out mix the first ~1000 rows, not only the first block.
+    assert first.max() > 600 and len({label // 100 for label in first}) >= 6
+
+
+def test_rebatcher_cuts_any_chunks_into_exact_batches():
+    batcher = inputs.Rebatcher(4)
+    out = []
+    for size in (1, 2, 9, 0, 3):
+        images = np.zeros((size, 1, 1, 3), np.uint8)
+        out += list(batcher.add(images, np.arange(size)))
+    assert [len(labels) for _, labels in out] == [4, 4, 4] and batcher.count == 3
+    images, labels = batcher.rest()
+    assert len(labels) == 3 and batcher.rest() is None

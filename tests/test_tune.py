@@ -105,12 +105,14 @@ def test_best_yaml_trains_unchanged_with_the_best_trials_config(asha_search, tra
 
 
 def test_pbt_continues_a_trial_from_a_better_trials_checkpoint(source, tmp_path, training_ray):
-    # Two trials that do not tie: the smoke model and one a single channel wide. Ray's PBT exploits
-    # only when the lower trial reaches a perturbation point while the upper one holds a
-    # checkpoint from its own last point as the upper one; with trials of equal scores that
-    # order is left to timing. Five epochs: four points.
+    # Two trials that do not swap places: the smoke model and one a single channel wide, ranked by
+    # training loss (steadier than validation scores of 32 images). Ray's PBT exploits only when
+    # the lower trial reaches a perturbation point after the upper one saved a checkpoint at one
+    # of its own as the upper one, so the order in which they report is left to timing: six
+    # epochs give five points each.
     config = load_config(SMOKE_SEARCH, search_overrides(source, tmp_path, "pbt") + [
-        "tune.scheduler=pbt", "tune.perturbation_interval=1", "train.epochs=5", "tune.num_samples=1",
+        "tune.scheduler=pbt", "tune.perturbation_interval=1", "train.epochs=6", "tune.num_samples=1",
+        "tune.metric=loss",
         "tune.space={train.learning_rate: {uniform: [0.01, 0.06]}, model.width: {grid: [8, 1]}}"])
     summary = run_search(config)
     rows = rows_of(summary)
@@ -141,7 +143,7 @@ def test_pbt_continues_a_trial_from_a_better_trials_checkpoint(source, tmp_path,
     assert rate != own[index - 1]["params"]["train.learning_rate"]
     assert rate not in [segment["params"]["train.learning_rate"] for segment in segments(source_trial)]
     history = storage.read_json(os.path.join(row["run_dir"], "history.json"))
-    assert [entry["epoch"] for entry in history] == [1, 2, 3, 4, 5]
+    assert [entry["epoch"] for entry in history] == [1, 2, 3, 4, 5, 6]
 
 
 def test_optuna_search_with_relative_paths(source, tmp_path, training_ray, monkeypatch):

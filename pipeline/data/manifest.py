@@ -90,9 +90,16 @@ class Manifest:
                 break
         return pa.concat_tables(tables)
 
-    def read_split(self, split: str):
-        """The split as a ``ray.data.Dataset`` with columns id, label, image."""
+    def read_split(self, split: str, *, shuffle_files: bool = False, seed: int | None = None):
+        """The split as a ``ray.data.Dataset`` with columns id, label, image.
+
+        ``shuffle_files``: read the shard files in a new random order every execution (every
+        epoch), from ``seed`` when given. A streaming shuffle: unlike ``randomize_block_order``, an
+        all-to-all step that holds the whole split in the object store before the first row goes
+        out, it costs nothing at any dataset size. Rows within a file are in random order already
+        (the build writes them so), and each worker's shuffle buffer mixes neighbouring files."""
         import ray.data
+        from ray.data import FileShuffleConfig
 
         paths = self.shard_paths(split)
         if not paths:
@@ -107,8 +114,10 @@ class Manifest:
         use_v2 = getattr(context, "use_datasource_v2", False)
         context.use_datasource_v2 = False
         try:
+            shuffle = (FileShuffleConfig(seed=seed, reseed_after_execution=True) if seed is not None else "files") \
+                if shuffle_files else None
             return ray.data.read_parquet(inner_paths, filesystem=filesystem, columns=["id", "label", "image"],
-                                         num_cpus=READ_TASK_CPUS)
+                                         num_cpus=READ_TASK_CPUS, shuffle=shuffle)
         finally:
             if use_v2:
                 context.use_datasource_v2 = use_v2
@@ -199,19 +208,40 @@ def open_manifest(output: str) -> Manifest:
 
 
 def images_from_column(column, image_size: int) -> np.ndarray:
-    """The binary ``image`` column (numpy object array of bytes, list, or pyarrow array) as
-    uint8 pixels of shape (N, image_size, image_size, 3). One join + one frombuffer: no per-row copies
-    into numpy."""
-    if hasattr(column, "to_pylist") and not isinstance(column, np.ndarray):  # pyarrow Array / ChunkedArray
-        column = column.to_pylist()
-    values: Sequence[bytes] = column
+    """The binary ``image`` column (pyarrow Array or ChunkedArray, numpy object array of bytes, or
+    list) as uint8 pixels of shape (N, image_size, image_size, 3). From Arrow the array is a view
+    of the column's value buffer when it is one contiguous chunk (read-only; no copy at all),
+    otherwise one join + one frombuffer: never a copy per row."""
     row_bytes = image_size * image_size * 3
+    if hasattr(column, "buffers") or hasattr(column, "chunks"):  # pyarrow Array / ChunkedArray
+        chunks = column.chunks if hasattr(column, "chunks") else [column]
+        arrays = [_arrow_pixels(chunk, row_bytes) for chunk in chunks]
+        if any(array is None for array in arrays):
+            return images_from_column(column.to_pylist(), image_size)  # lengths differ: the check below
+        pixels = arrays[0] if len(arrays) == 1 else np.concatenate(arrays) if arrays else np.empty(0, np.uint8)
+        return pixels.reshape(-1, image_size, image_size, 3)
+    values: Sequence[bytes] = column
     joined = b"".join(values)
     if len(joined) != len(values) * row_bytes:
         lengths = sorted({len(value) for value in values})
         raise ValueError(f"image column does not hold {image_size}x{image_size}x3 uint8 images: expected "
                          f"{row_bytes} bytes per row, found row lengths {lengths[:5]}")
     return np.frombuffer(joined, dtype=np.uint8).reshape(len(values), image_size, image_size, 3)
+
+
+def _arrow_pixels(chunk, row_bytes: int) -> np.ndarray | None:
+    """A (large_)binary Arrow array whose values are all ``row_bytes`` long, as a flat uint8 view of
+    its value buffer; None when they are not (or nulls are present)."""
+    if chunk.null_count:
+        return None
+    _, offsets, data = chunk.buffers()[:3]
+    offset_type = np.int64 if str(chunk.type) == "large_binary" else np.int32
+    ends = np.frombuffer(offsets, dtype=offset_type, count=len(chunk) + 1, offset=chunk.offset * np.dtype(offset_type).itemsize)
+    if not len(chunk):
+        return np.empty(0, np.uint8)
+    if not np.array_equal(np.diff(ends), np.full(len(chunk), row_bytes, dtype=offset_type)):
+        return None
+    return np.frombuffer(data, dtype=np.uint8, count=len(chunk) * row_bytes, offset=int(ends[0]))
 
 
 def shard_relative_path(build: str, split: str, name: str) -> str:

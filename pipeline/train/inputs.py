@@ -1,9 +1,10 @@
 """Each worker's input pipeline: its Ray Data shard -> a tf.data.Dataset of augmented batches.
 
-Ray Data streams the worker's shard of the Parquet rows (block order re-randomised every epoch,
-plus a local shuffle buffer) and decodes the binary pixel column; tf.data then augments whole
-batches with vectorised ops and prefetches, so the model never waits on the input. Pixels stay
-uint8 until the model's first layer: a quarter of the bytes of float32 on the way to a GPU.
+Ray Data streams the worker's shard of the Parquet files (a new file order every epoch) as whole
+Arrow blocks; the pixels are viewed in place, shuffled through a local buffer and cut into batches
+with vectorised numpy (``shard_batches``); tf.data then augments whole batches with vectorised ops
+and prefetches, so the model never waits on the input. Pixels stay uint8 until the model's first
+layer: a quarter of the bytes of float32 on the way to a GPU.
 
 Every worker must run the same number of steps, or the all-reduce of the shorter one hangs:
 Ray Train splits the dataset into equal shards and we drop each shard's last partial batch, so
@@ -51,7 +52,7 @@ def shard_to_dataset(shard, *, image_size: int, num_classes: int, batch_size: in
                      shuffle_buffer_size: int = 0, shuffle_seed: Optional[int] = None,
                      drop_remainder: bool = True) -> tf.data.Dataset:
     """One epoch of the shard as a tf.data.Dataset of exactly ``steps`` (uint8 images, one-hot
-    labels) batches. Build a new one every epoch: each is a new Ray Data epoch (a new shuffle).
+    labels) batches. Build a new one every epoch: each is a new Ray Data epoch (a new file order).
 
     Deliberately finite (no ``repeat``): a repeated dataset's prefetch would open the next Ray
     epoch while another worker still reads the current one, and the streaming split's epoch
@@ -62,16 +63,15 @@ def shard_to_dataset(shard, *, image_size: int, num_classes: int, batch_size: in
         # The last batch is held back until Ray's iterator is exhausted, so that a consumer that
         # takes exactly ``steps`` batches and stops (Keras' validation) never leaves a Ray epoch
         # half-read: the streaming split moves to the next epoch together on every worker.
-        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_remainder,
-                                        local_shuffle_buffer_size=shuffle_buffer_size or None,
-                                        local_shuffle_seed=shuffle_seed if shuffle_buffer_size else None,
-                                        prefetch_batches=2):
+        for batch in shard_batches(shard, image_size=image_size, batch_size=batch_size,
+                                   shuffle_buffer_size=shuffle_buffer_size, shuffle_seed=shuffle_seed,
+                                   drop_remainder=drop_remainder):
             if produced == steps:
                 continue  # a surplus batch (unequal shards): drain, never abandon, the iterator
             produced += 1
             if held is not None:
                 yield held
-            held = (images_from_column(batch["image"], image_size), batch["label"].astype(np.int32))
+            held = batch
         if produced < steps:
             raise RuntimeError(f"the data shard gave {produced} batches, expected {steps}: the workers' "
                                "shards are unequal, which would hang the all-reduce")
@@ -85,6 +85,106 @@ def shard_to_dataset(shard, *, image_size: int, num_classes: int, batch_size: in
     # Ray already gave this worker its own rows: tf.distribute must not shard them again.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return dataset.with_options(options)
+
+
+def shard_batches(shard, *, image_size: int, batch_size: int, shuffle_buffer_size: int = 0,
+                  shuffle_seed: Optional[int] = None, drop_remainder: bool = True):
+    """(uint8 images, int32 labels) batches of the shard, shuffled through a local buffer.
+
+    Whole Arrow blocks come from Ray, not Ray's batches: one Python step per block, and the pixels
+    are a view of the block's buffer (no Python object per row, no local shuffle on Arrow tables).
+    Shuffling and cutting into batches are then a few vectorised numpy copies per batch."""
+    rows = RowShuffler(shuffle_buffer_size, np.random.default_rng(shuffle_seed)) if shuffle_buffer_size else None
+    batches = Rebatcher(batch_size)
+    for block in shard.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+        chunk = (images_from_column(block.column("image"), image_size),
+                 block.column("label").to_numpy().astype(np.int32))
+        yield from batches.add(*(rows.add(*chunk) if rows else chunk))
+    if rows:
+        yield from batches.add(*rows.drain())
+    rest = batches.rest()
+    if rest is not None and not drop_remainder:
+        yield rest
+
+
+class RowShuffler:
+    """A streaming shuffle over ``capacity`` rows, vectorised (the semantics of tf.data's shuffle
+    buffer): until the buffer is full rows only go in; then every incoming row takes the place of
+    a uniformly chosen row of the buffer, which comes out; ``drain`` empties it in random order.
+    Ray Data's ``local_shuffle_buffer_size`` does the same on Arrow tables at a fraction of the
+    speed; this one costs a gather and a scatter of the batch's pixels."""
+
+    def __init__(self, capacity: int, rng: np.random.Generator):
+        self.capacity, self.rng = capacity, rng
+        self.images: Optional[np.ndarray] = None
+        self.labels: Optional[np.ndarray] = None
+        self.filled = 0
+
+    def add(self, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.images is None:
+            self.images = np.empty((self.capacity, *images.shape[1:]), images.dtype)
+            self.labels = np.empty((self.capacity,), labels.dtype)
+        free = min(self.capacity - self.filled, len(images))
+        self.images[self.filled:self.filled + free] = images[:free]
+        self.labels[self.filled:self.filled + free] = labels[:free]
+        self.filled += free
+        images, labels = images[free:], labels[free:]
+        out_images, out_labels = [], []
+        for start in range(0, len(images), self.capacity):  # a block larger than the buffer: in parts
+            incoming_images, incoming_labels = images[start:start + self.capacity], labels[start:start + self.capacity]
+            slots = self.rng.choice(self.capacity, size=len(incoming_images), replace=False)
+            out_images.append(self.images[slots])
+            out_labels.append(self.labels[slots])
+            self.images[slots] = incoming_images
+            self.labels[slots] = incoming_labels
+        if not out_images:
+            return images[:0], labels[:0]
+        return np.concatenate(out_images), np.concatenate(out_labels)
+
+    def drain(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.images is None:
+            return np.empty((0,), np.uint8), np.empty((0,), np.int32)
+        order = self.rng.permutation(self.filled)
+        images, labels = self.images[order], self.labels[order]
+        self.filled = 0
+        return images, labels
+
+
+class Rebatcher:
+    """Rows arriving in chunks of any size -> batches of exactly ``batch_size`` rows; ``rest``
+    gives what is left at the end (fewer rows), or None."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self.pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self.count = 0
+
+    def add(self, images: np.ndarray, labels: np.ndarray):
+        if not len(images):
+            return
+        self.pending.append((images, labels))
+        self.count += len(images)
+        while self.count >= self.batch_size:
+            yield self._take(self.batch_size)
+
+    def rest(self):
+        return self._take(self.count) if self.count else None
+
+    def _take(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        parts, needed = [], count
+        while needed:
+            images, labels = self.pending[0]
+            if len(images) <= needed:
+                parts.append(self.pending.pop(0))
+                needed -= len(images)
+            else:
+                parts.append((images[:needed], labels[:needed]))
+                self.pending[0] = (images[needed:], labels[needed:])
+                needed = 0
+        self.count -= count
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def augment(dataset: tf.data.Dataset, train: TrainConfig, fill_value) -> tf.data.Dataset:

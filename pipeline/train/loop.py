@@ -145,8 +145,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # Every worker reads the weights: BatchNorm's moving statistics are on-read-synchronised
     # variables, so reading them is an all-reduce that a lone rank 0 would wait on forever.
     weights = model.get_weights()
-    if rank == 0:
-        finish(weights, config, dataset_info, metadata, run_dir)
+    finish(weights, config, dataset_info, metadata, run_dir, strategy, rank, world_size)
 
 
 def make_optimizer(config, steps_per_epoch: int, precision: str):
@@ -299,30 +298,56 @@ class TensorBoardToStorage(keras.callbacks.TensorBoard):
         storage.upload_dir(self.local, self.target)
 
 
-def finish(weights, config, dataset_info, metadata, run_dir) -> None:
-    """Rank 0, after training: float32 copy -> test evaluation -> export -> evaluation.json."""
+def finish(weights, config, dataset_info, metadata, run_dir, strategy, rank: int, world_size: int) -> None:
+    """Every worker, after training: the weights in a plain float32 model (the one users serve),
+    its test evaluation shared out among the workers, then rank 0 exports it with the result."""
     keras.mixed_precision.set_global_policy("float32")
     serving_model = create_model(config.model, num_classes=len(dataset_info["class_names"]),
                                 image_size=dataset_info["image_size"], mean=dataset_info["mean"],
                                 std=dataset_info["std"])
     serving_model.set_weights(weights)
-    serving_model.compile(loss=keras.losses.CategoricalCrossentropy(), metrics=metrics(len(dataset_info["class_names"])))
 
     split = "test" if dataset_info["rows"].get("test") else "val"
     evaluation = {"split": split}
     if dataset_info["rows"].get(split):
-        rows = dataset_info["rows"][split]
-        per_worker_batch, _ = batch_sizes(config)
-        steps, _ = inputs.steps_and_batches(rows, 1, per_worker_batch, 1, drop_remainder=False)
-        # Unsplit dataset (see run.py): rank 0 reads every row of it, nothing is dropped.
-        dataset = inputs.prefetch(inputs.shard_to_dataset(
-            ray.train.get_dataset_shard(f"{split}_full"), image_size=dataset_info["image_size"],
-            num_classes=len(dataset_info["class_names"]), batch_size=per_worker_batch,
-            steps=steps, drop_remainder=False))
         started = time.perf_counter()
-        results = serving_model.evaluate(dataset, steps=steps, return_dict=True, verbose=0)
-        evaluation.update({key: float(value) for key, value in results.items()})
-        evaluation.update({"rows": rows, "seconds": round(time.perf_counter() - started, 3)})
-    export_dir = save_export(serving_model, {**metadata, "evaluation": evaluation}, storage.join(run_dir, "export"))
-    evaluation["export"] = export_dir
-    storage.write_json(storage.join(run_dir, "evaluation.json"), evaluation)
+        evaluation.update(evaluate_split(serving_model, ray.train.get_dataset_shard(f"{split}_full"), strategy,
+                                         rank, world_size, image_size=dataset_info["image_size"],
+                                         batch_size=batch_sizes(config)[0]))
+        evaluation["seconds"] = round(time.perf_counter() - started, 3)
+    if rank == 0:
+        export_dir = save_export(serving_model, {**metadata, "evaluation": evaluation}, storage.join(run_dir, "export"))
+        evaluation["export"] = export_dir
+        storage.write_json(storage.join(run_dir, "evaluation.json"), evaluation)
+
+
+def evaluate_split(model, shard, strategy, rank: int, world_size: int, *, image_size: int, batch_size: int) -> dict:
+    """Loss, accuracy and top-5 accuracy of ``model`` over every row of an unsplit dataset: each
+    worker reads all of it and predicts every world_size-th batch (all cores busy, not rank 0's
+    share alone), then one all-reduce adds up the sums. The metrics are Keras' own
+    (CategoricalCrossentropy on probabilities, CategoricalAccuracy, TopKCategoricalAccuracy)."""
+    sums = np.zeros(4)  # loss, top-1 hits, top-5 hits, rows
+    for index, (images, labels) in enumerate(inputs.shard_batches(shard, image_size=image_size,
+                                                                   batch_size=batch_size, drop_remainder=False)):
+        if index % world_size == rank:
+            probabilities = np.asarray(model.predict_on_batch(images.astype(np.float32)), dtype=np.float64)
+            sums += classification_sums(probabilities, labels)
+    # Each local replica contributes the worker's sums once: divide the replicas back out.
+    local_replicas = strategy.num_replicas_in_sync // world_size
+    totals = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(sums)), axis=None)
+    loss, top1, top5, rows = totals.numpy() / local_replicas
+    return {"loss": float(loss / rows), "accuracy": float(top1 / rows), "top5_accuracy": float(top5 / rows),
+            "rows": int(round(rows))}
+
+
+def classification_sums(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """[summed cross-entropy, top-1 hits, top-5 hits, rows] of a batch, as Keras computes them:
+    probabilities renormalised and clipped to [1e-7, 1 - 1e-7]; arg-max ties go to the lower
+    class; a label is in the top k unless k classes score strictly higher (``tf.math.in_top_k``)."""
+    rows = np.arange(len(labels))
+    normalised = np.clip(probabilities / probabilities.sum(axis=1, keepdims=True), 1e-7, 1 - 1e-7)
+    loss = -np.log(normalised[rows, labels]).sum()
+    top1 = (probabilities.argmax(axis=1) == labels).sum()
+    higher = (probabilities > probabilities[rows, labels][:, None]).sum(axis=1)
+    top5 = (higher < min(5, probabilities.shape[1])).sum()
+    return np.array([loss, top1, top5, len(labels)], dtype=np.float64)

@@ -79,7 +79,8 @@ def _train(config: Config, manifest, callbacks, start_from) -> dict:
           f"{config.scaling.num_workers} worker(s) x {per_worker_batch} = global batch {global_batch}, "
           f"lr {scaled_learning_rate(config):g} ({config.train.lr_schedule}), precision {config.train.precision}")
 
-    datasets = {"train": manifest.read_split("train").randomize_block_order()}
+    # A new file order every epoch, streamed (see Manifest.read_split), plus each worker's buffer.
+    datasets = {"train": manifest.read_split("train", shuffle_files=True, seed=config.train.seed)}
     for split in ("val", "test"):
         if manifest.has_split(split):
             datasets[split] = manifest.read_split(split)

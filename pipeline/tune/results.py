@@ -88,7 +88,9 @@ def write_results(config: Config, dimensions, search_dir: str, result_grid, wall
 
 
 def trial_row(config: Config, dimensions, search_dir: str, result) -> dict:
-    trial_id = storage.basename(result.path)
+    # The trial's id, as its runs and record are named. Not its Tune folder's name: a trial that a
+    # resumed search starts over gets a new folder (the id plus "_<hex>") when its old one exists.
+    trial_id = (result.metrics or {}).get("trial_id") or storage.basename(result.path)
     record_path = trial_record_path(search_dir, trial_id)
     segments = storage.read_json(record_path)["segments"] if storage.exists(record_path) else []
     # The trial's values are those of its last segment (PBT may have perturbed them).
