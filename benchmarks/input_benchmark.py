@@ -11,9 +11,12 @@ Train's DataConfig does for one worker, then ``inputs.shard_to_dataset`` + ``aug
 its own pinned to 1 or 2 cores (``sched_setaffinity``; Ray's processes inherit it). Same-run
 baselines: the pipeline as it was before it read whole Arrow blocks (Ray's ``iter_batches`` with
 Ray's local shuffle buffer and a numpy object column; inlined below as ``ray_batches_dataset``), and
-the same tf.data augmentation over in-memory arrays (the ceiling of the TensorFlow side).
+the same tf.data augmentation over in-memory arrays (the ceiling of the TensorFlow side). With
+``--pipelines shard-batches``: the Ray and numpy part of the input alone (``inputs.shard_batches``:
+Ray's iterator, the pixel views, the shuffle buffer and the batches), without TensorFlow.
 Figures: epoch 1 (from creating the dataset to its last batch: Ray Data's start-up included) and
-steady state (the mean of the later epochs), in images/s.
+steady state (the median of the later epochs: Ray starts the read tasks' worker processes over the
+first one or two), in images/s.
 
 Scale (``--scale``): synthetic Parquet builds of the given row counts (random pixels, 10,000 rows
 per file), read for two epochs with the file order shuffled at read time (what training does) and
@@ -74,16 +77,20 @@ def measure(args) -> dict:
             return inputs.prefetch(inputs.augment(data, train, manifest.mean))
     else:
         runtime.connect(num_cpus=args.cpus + runtime.INGEST_CPUS)
-        if args.pipeline == "pipeline":
+        if args.pipeline in ("pipeline", "shard-batches"):
             dataset = manifest.read_split("train", shuffle_files=True, seed=train.seed)
         else:
             dataset = manifest.read_split("train").randomize_block_order()
         shard = dataset.streaming_split(1, equal=True)[0]
 
         def make(epoch):
+            seed = inputs.worker_seed(0, 0, epoch)
+            if args.pipeline == "shard-batches":  # the Ray and numpy part alone: no TensorFlow
+                return inputs.shard_batches(shard, image_size=size, batch_size=batch,
+                                            shuffle_buffer_size=train.shuffle_buffer_size, shuffle_seed=seed)
             build = inputs.shard_to_dataset if args.pipeline == "pipeline" else ray_batches_dataset
             data = build(shard, image_size=size, num_classes=manifest.num_classes, batch_size=batch, steps=steps,
-                         shuffle_buffer_size=train.shuffle_buffer_size, shuffle_seed=inputs.worker_seed(0, 0, epoch))
+                         shuffle_buffer_size=train.shuffle_buffer_size, shuffle_seed=seed)
             return inputs.prefetch(inputs.augment(data, train, manifest.mean))
 
     epochs = []
@@ -91,7 +98,7 @@ def measure(args) -> dict:
         started = time.perf_counter()
         first, count = None, 0
         for images_batch, _ in make(epoch):
-            count += int(images_batch.shape[0])
+            count += int(images_batch.shape[0])  # numpy or tensor
             if first is None:
                 first = time.perf_counter() - started
         seconds = time.perf_counter() - started
@@ -99,10 +106,10 @@ def measure(args) -> dict:
                        "images_per_second": round(count / seconds)})
     if ray.is_initialized():
         ray.shutdown()
-    steady = [e["images_per_second"] for e in epochs[1:]]
+    steady = sorted(e["images_per_second"] for e in epochs[1:])
     return {"pipeline": args.pipeline, "cpus": args.cpus, "epochs": epochs,
             "first_epoch_images_per_second": epochs[0]["images_per_second"],
-            "steady_images_per_second": round(sum(steady) / len(steady)) if steady else None}
+            "steady_images_per_second": steady[len(steady) // 2] if steady else None}
 
 
 def ray_batches_dataset(shard, *, image_size, num_classes, batch_size, steps, shuffle_buffer_size, shuffle_seed):
@@ -215,7 +222,7 @@ def main() -> None:
     parser.add_argument("--source", help="CIFAR-10 archive or image folder (speed)")
     parser.add_argument("--data", default=os.path.join(REPO, "artifacts/benchmarks/input-data"))
     parser.add_argument("--cpus", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--pipelines", nargs="+", default=["pipeline", "ray-batches", "in-memory"])
     parser.add_argument("--scale", type=int, nargs="+", help="synthetic row counts (scale)")
     parser.add_argument("--json", default=os.path.join(REPO, "artifacts/benchmarks/input.json"))
@@ -225,6 +232,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.child:
+        args.cpus = args.cpus[0]
         result = measure(args) if args.child == "speed" else measure_scale(args)
         with open(args.out, "w") as handle:
             json.dump(result, handle)

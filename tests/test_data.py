@@ -227,6 +227,33 @@ def make_mixed_folder(root) -> tuple[str, dict]:
     return str(root), lossless
 
 
+def test_train_files_are_read_in_a_new_seeded_order_every_epoch(tmp_path, ray_local):
+    # Training reads the shard files shuffled at read time, every epoch anew (no all-to-all
+    # randomize_block_order). Order-preserving execution makes the file order visible.
+    folder = make_image_folder(str(tmp_path / "images"), classes=("a", "b"), per_class=32)
+    manifest = run_preprocess(make_config(tmp_path, f"data.source={folder}", "data.rows_per_shard=4",
+                                          "data.val_fraction=0"))
+    assert len(manifest.shard_paths("train")) == 16
+    context = ray.data.DataContext.get_current()
+    preserve_order = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True
+    try:
+        def epochs(**read):
+            shard = manifest.read_split("train", **read).streaming_split(1, equal=True)[0]
+            return [tuple(row_id for block in shard.iter_batches(batch_size=None, batch_format="pyarrow")
+                          for row_id in block.column("id").to_pylist()) for _ in range(3)]
+
+        stored = epochs()
+        assert len(set(stored)) == 1  # unshuffled: the manifest's file order every epoch
+        shuffled = epochs(shuffle_files=True, seed=5)
+        assert all(sorted(order) == sorted(stored[0]) for order in shuffled)  # every row once per epoch
+        assert len(set(shuffled)) == 3 and stored[0] not in shuffled  # a new order every epoch
+        assert epochs(shuffle_files=True, seed=5) == shuffled  # train.seed: the same sequence
+        assert epochs(shuffle_files=True, seed=6) != shuffled
+    finally:
+        context.execution_options.preserve_order = preserve_order
+
+
 def test_image_folder_mixed_formats_and_bad_files(tmp_path, ray_local):
     root, lossless = make_mixed_folder(tmp_path / "images")
     config = make_config(tmp_path, f"data.source={root}", "data.val_fraction=0", "data.max_failed_fraction=0.5")

@@ -392,7 +392,7 @@ def _write_split(split: str, items: list[Item], source: Source, data: DataConfig
     on_this_node = _on_this_node()
     dataset = dataset.map_batches(
         decode_images, batch_size=None, batch_format="numpy", fn_kwargs={"image_size": data.image_size},
-        concurrency=min(len(blocks), 2 * _this_node_cpus()), **on_this_node)
+        compute=ray.data.TaskPoolStrategy(size=min(len(blocks), 2 * _this_node_cpus())), **on_this_node)
     dataset = dataset.map_batches(
         write_shards, batch_size=data.rows_per_shard, batch_format="pyarrow",
         fn_kwargs={"output": output, "build": build, "split": split, "rows_per_shard": data.rows_per_shard,
