@@ -70,3 +70,9 @@ def _git_commit():
 class PipelineError(RuntimeError):
     """A stage stopped for a reason its message explains: the command prints it and exits with
     status 1, without a traceback (bad configuration is ``config.ConfigError``, status 2)."""
+
+
+class Stopped(BaseException):
+    """SIGTERM (``ray job stop``, a scheduler's kill), raised in the driver's main thread so that a
+    stage unwinds (leases released, Ray shut down) as on Ctrl-C instead of vanishing mid-write.
+    ``pipeline.runtime.connect`` installs the handler; the CLI says what was kept."""

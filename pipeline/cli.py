@@ -7,15 +7,18 @@
     pipeline config     --config configs/fast.yaml      (print the resolved config)
 
 ``jobs/*.py`` call the same functions for ``ray job submit``. Bad configuration or input prints
-``error: ...`` and exits with status 2 before any work starts.
+``error: ...`` and exits with status 2 before any work starts. Ctrl-C (SIGINT) or SIGTERM (``ray
+job stop``, a scheduler's kill) unwinds like an error, says what was kept and how to go on, and
+exits with 130 or 143.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
-from pipeline import PipelineError  # (pipeline first: TF_USE_LEGACY_KERAS before TensorFlow)
+from pipeline import PipelineError, Stopped  # (pipeline first: TF_USE_LEGACY_KERAS before TensorFlow)
 from pipeline.config import ConfigError, describe, load_config, to_yaml
 
 USAGE_ERRORS = (ConfigError, ValueError, FileNotFoundError)
@@ -67,12 +70,37 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except (KeyboardInterrupt, Stopped) as stop:
+        by = "SIGTERM" if isinstance(stop, Stopped) else "Ctrl-C (SIGINT)"
+        print(f"\nstopped by {by}: {what_was_kept(args)}", file=sys.stderr, flush=True)
+        return 128 + (signal.SIGTERM if isinstance(stop, Stopped) else signal.SIGINT)
+
+
+def what_was_kept(args) -> str:
+    """What an interrupted stage leaves behind, and how to go on from it."""
+    config = getattr(args, "loaded_config", None)
+    if config is None:
+        return "nothing had started"
+    if args.command == "train":
+        from pipeline.train.run import run_name
+
+        return (f"run '{run_name(config)}' keeps its committed checkpoints; the same command resumes it from the "
+                f"latest (an epoch in progress is trained again)")
+    if args.command == "tune":
+        from pipeline.tune.search import search_name
+
+        return (f"search '{search_name(config)}' keeps its finished trials and checkpoints; the same command "
+                f"resumes it")
+    if args.command == "preprocess":
+        return "nothing was committed (the manifest is written last); the same command builds again"
+    return "no output was written (outputs appear only when complete); the same command starts again"
 
 
 def run(args) -> int:
     from pipeline import runtime
 
     config = load_config(args.config, args.overrides)
+    args.loaded_config = config
     if args.command == "predict":
         # Set directly, not as --set text: a path such as "2024" or "yes" must stay a string.
         for key in ("model", "input", "output"):

@@ -226,6 +226,11 @@ class TuneConfig:
     reduction_factor: float = param(3.0, "ASHA: keep the top 1/reduction_factor of trials at each rung",
                                     min=1.0, min_exclusive=True)
     perturbation_interval: int = param(2, "PBT: epochs between exploit/explore steps", min=1)
+    pbt_synch: bool = param(
+        False, "PBT: perturb every trial at once at each interval (synchronous PBT: a trial that gets "
+        "there first is paused, and resumed from its checkpoint, until the others arrive; the lower "
+        "trials then always exploit) instead of each trial on its own when it gets there (asynchronous: "
+        "no pauses, but an exploit needs the better trial to have reached a point first)")
     seed: Optional[int] = param(0, "seed of the search algorithm's sampling (null: random)", min=0)
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 
 import ray
 
-from pipeline import TENSORFLOW_ENV, PipelineError
+from pipeline import TENSORFLOW_ENV, PipelineError, Stopped
 
 WORKER_ENV_VARS = {
     **TENSORFLOW_ENV,
@@ -86,6 +88,18 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
         # With the dashboard, as a Ray user expects: it also serves the State API, without which Ray
         # Train's placement-group cleaner cannot watch its controller and warns every few seconds.
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, **kwargs)
+    stop_on_sigterm()
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM -> ``pipeline.Stopped`` in the driver. After ``ray.init``, which installs its own
+    handler (``sys.exit(15)``): that would end the stage without saying what was kept."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_stopped)
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped()
 
 
 # Logical CPUs kept free of training workers for the Ray Data tasks that feed them: reserving

@@ -1,14 +1,13 @@
 """Training on a real local Ray: one worker in fp16 with loss scaling, checkpoints, a killed run resumed,
 export, and the CLI. Two workers (one per node, ring all-reduce across raylets): test_autoscaling."""
 
-import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
 
 import numpy as np
-import psutil
 import pytest
 import ray.train
 import yaml
@@ -105,9 +104,10 @@ def checkpoints_by_epoch(run_dir):
 
 
 def test_stopped_run_resumes_at_the_right_epoch(source, tmp_path, training_ray):
-    """Kill a training job after its first checkpoint; the same command again continues from it
+    """Ctrl-C a training job after its first checkpoint; the same command again continues from it
     and ends with exactly the configured number of epochs. The job joins this module's Ray, as a
-    job joins its cluster: killing the driver ends its Train run there (and no Ray start per run)."""
+    job joins its cluster: the driver's exit ends its Train run there (and no Ray start per run).
+    (A crashed driver, SIGKILLed with everything it started, is the search test's case.)"""
     address = ray.get_runtime_context().gcs_address
     arguments = [sys.executable, os.path.join(REPO, "jobs/train.py"), "--address", address,
                  "--config", os.path.join(REPO, "configs/smoke.yaml"),
@@ -124,14 +124,14 @@ def test_stopped_run_resumes_at_the_right_epoch(source, tmp_path, training_ray):
             break
         time.sleep(0.5)
     assert first.poll() is None, first.stdout.read().decode()[-3000:]
-    # Kill the whole job as a crash would: the driver and everything it started. Ray ends the
-    # driver's actors (the Train controller and workers) when it sees the driver gone. Never
-    # `ray stop`, which would also stop other tests' clusters.
-    job = psutil.Process(first.pid)
-    for process in [job, *job.children(recursive=True)]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.kill()
-    first.wait()
+    # Ctrl-C, to the driver alone as a terminal sends it: it unwinds, says what was kept and how
+    # to go on, and exits with 130; Ray ends the driver's actors (the Train controller and
+    # workers) with it. Never `ray stop`, which would also stop other tests' clusters.
+    first.send_signal(signal.SIGINT)
+    output = first.communicate(timeout=180)[0].decode()
+    assert first.returncode == 130, output[-3000:]
+    assert "stopped by Ctrl-C (SIGINT): run 'resume' keeps its committed checkpoints; the same command " \
+           "resumes it" in output
     assert not os.path.exists(os.path.join(run_dir, "summary.json"))
     # The oldest checkpoint is a committed one; its history is what the resumed run must keep.
     done_before = storage.read_json(os.path.join(run_dir, checkpoints_by_epoch(run_dir)[0], "state.json"))["history"]
@@ -207,6 +207,9 @@ def test_a_diverged_history_is_the_runs_error():
         check_finite(diverged, "lr", "/runs/lr/checkpoint_1")
     with pytest.raises(TrainingDiverged, match="no checkpoint was written before it"):
         check_finite(diverged[1:], "lr")
+    diverged[1].update(diverged_step=7, steps=8)
+    with pytest.raises(TrainingDiverged, match="diverged in epoch 2, its loss first NaN or infinite at step 7 of 8: "):
+        check_finite(diverged, "lr")
 
 
 def test_cli_rejects_bad_config_before_work(tmp_path):

@@ -9,7 +9,7 @@ import tf_keras as keras
 
 from pipeline.config import ConfigError, batch_sizes, load_config, per_replica_batch_size, replicas_per_worker
 from pipeline.train import devices, inputs
-from pipeline.train.loop import ProgressLog, ReportToRayTrain, TensorBoardToStorage
+from pipeline.train.callbacks import ProgressLog, ReportToRayTrain, TensorBoardToStorage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

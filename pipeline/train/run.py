@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 import time
 
 import pipeline
@@ -71,7 +72,9 @@ def _train(config: Config, manifest, callbacks, start_from) -> dict:
         check_resumable(run_dir, name, training_identity(config, manifest))
         print(f"resuming run '{name}' from its latest checkpoint ({done} of {config.train.epochs} epochs "
               f"recorded); use another run.name to start afresh")
-    storage.delete(storage.join(run_dir, "summary.json"))  # the run is not complete until rewritten
+    # The run is not complete until these are rewritten (evaluation.json by the workers, last).
+    storage.delete(storage.join(run_dir, "summary.json"))
+    storage.delete(storage.join(run_dir, "evaluation.json"))
     storage.delete(storage.join(run_dir, "workers"))  # rewritten by this attempt's workers
     storage.write_text(storage.join(run_dir, "config.yaml"), to_yaml(config))
     per_worker_batch, global_batch = batch_sizes(config)
@@ -116,7 +119,7 @@ def _train(config: Config, manifest, callbacks, start_from) -> dict:
             callbacks=list(callbacks)),
     )
     started = time.perf_counter()
-    result = trainer.fit()
+    result = fit_in_thread(trainer)
     wall_seconds = time.perf_counter() - started
     check_finite(storage.read_json(storage.join(run_dir, "history.json")), name,
                  result.checkpoint.path if result.checkpoint else None)
@@ -164,6 +167,28 @@ def _differs(old, new) -> bool:
     return old != new
 
 
+def fit_in_thread(trainer):
+    """``trainer.fit()``, from a thread of its own. Called from the main thread, Ray Train installs
+    its own Ctrl-C handler, whose abort ends the driver with status 1 and no word of what was kept
+    (Ray 2.60). Here Ctrl-C and SIGTERM reach the main thread as exceptions while it waits:
+    ``pipeline.cli`` says what was kept, and the driver's exit ends the run's actors."""
+    outcome: dict = {}
+
+    def fit():
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # re-raised in the caller's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 def check_finite(history: list[dict], name: str, last_checkpoint: str | None = None) -> None:
     """The workers stop together at the end of an epoch whose weights are no longer finite (see
     ``ReportToRayTrain``); this makes that the run's error, so a diverged run never looks finished.
@@ -172,8 +197,11 @@ def check_finite(history: list[dict], name: str, last_checkpoint: str | None = N
     if last.get("diverged"):
         kept = (f"the last good checkpoint is {last_checkpoint}" if last_checkpoint
                 else "no checkpoint was written before it")
+        step = last.get("diverged_step")
+        where = f"epoch {last['epoch']}" + (f", its loss first NaN or infinite at step {step} of {last.get('steps')}"
+                                             if step else "")
         raise TrainingDiverged(
-            f"run '{name}' diverged in epoch {last['epoch']}: the weights became NaN or infinite (training "
+            f"run '{name}' diverged in {where}: the weights became NaN or infinite (training "
             f"loss {last.get('loss')}, learning rate {last.get('lr', math.nan):.4g}); {kept}. Lower "
             f"train.learning_rate, lengthen train.warmup_epochs, or use train.precision=fp32")
 

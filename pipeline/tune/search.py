@@ -185,7 +185,7 @@ def make_scheduler(config: Config, dimensions: list[Dimension]):
                                   reduction_factor=settings.reduction_factor)
     elif settings.scheduler == "pbt":
         scheduler = FinishingPBT(time_attr="epoch", perturbation_interval=settings.perturbation_interval,
-                                 hyperparam_mutations=pbt_mutations(dimensions))
+                                 hyperparam_mutations=pbt_mutations(dimensions), synch=settings.pbt_synch)
     else:
         return FIFOScheduler()
     scheduler.last_epoch = config.train.epochs

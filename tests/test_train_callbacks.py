@@ -1,6 +1,6 @@
 """Progress lines inside a long epoch: how often, and what they say."""
 
-from pipeline.train.loop import ProgressLog
+from pipeline.train.callbacks import ProgressLog
 
 
 class FakeClock:

@@ -1,0 +1,48 @@
+"""pipeline.cli without Ray: how an interrupted stage ends."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from pipeline import cli, runtime
+from pipeline.config import load_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("command, kept", [
+    ("train", "run 'smoke' keeps its committed checkpoints; the same command resumes it from the latest "
+              "(an epoch in progress is trained again)"),
+    ("tune", "search 'smoke' keeps its finished trials and checkpoints; the same command resumes it"),
+    ("preprocess", "nothing was committed (the manifest is written last); the same command builds again"),
+    ("predict", "no output was written (outputs appear only when complete); the same command starts again"),
+])
+def test_sigterm_mid_stage_says_what_was_kept_and_exits_143(command, kept, monkeypatch, capsys):
+    # As `ray job stop` ends a job: SIGTERM to the driver, after Ray has installed its own handler
+    # (sys.exit(15), which runtime.connect replaces).
+    def stage(args):
+        args.loaded_config = load_config(os.path.join(REPO, "configs/smoke.yaml"), [])
+        signal.signal(signal.SIGTERM, lambda signum, frame: exit(signum))  # what ray.init leaves
+        runtime.stop_on_sigterm()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+        raise AssertionError("SIGTERM did not stop the stage")
+
+    previous = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cli, "run", stage)
+    try:
+        assert cli.main([command]) == 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert capsys.readouterr().err.strip() == f"stopped by SIGTERM: {kept}"
+
+
+def test_ctrl_c_before_the_config_is_read_exits_130(monkeypatch, capsys):
+    def stage(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run", stage)
+    assert cli.main(["train"]) == 130
+    assert capsys.readouterr().err.strip() == "stopped by Ctrl-C (SIGINT): nothing had started"
