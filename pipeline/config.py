@@ -346,12 +346,23 @@ def apply_override(config: Config, override: str) -> None:
         value = text
     section = _section(config, section_name)
     key, _, entry = key.partition(".")
+    if not entry and value is not None and not isinstance(value, str) and _is_text_key(f"{section_name}.{key}"):
+        # A text key takes the text as written: YAML would read run.name=40527_00000 (a Tune trial
+        # id) as the integer 4052700000, 2024-01 as text but 2024 as a number, yes as true.
+        value = text.strip()
     if entry and field_base_type(f"{section_name}.{key}") is dict:
         # One entry of a mapping key: tune.space.train.learning_rate={loguniform: [0.01, 1]}
         value = {**getattr(section, key), entry: value}
     elif entry:
         key = f"{key}.{entry}"  # reported as an unknown key, with the closest one
     _set(section, section_name, key, value)
+
+
+def _is_text_key(dotted: str) -> bool:
+    try:
+        return field_base_type(dotted) is str
+    except ConfigError:
+        return False  # an unknown key: reported by _set with the closest one
 
 
 def _all_keys() -> list[str]:

@@ -33,6 +33,12 @@ def test_overrides_parse_yaml_values():
     assert (config.train.steps_per_execution, config.train.jit_compile) == ("auto", "auto")
     tuned = load_config("configs/fast.yaml", ["train.steps_per_execution=8", "train.jit_compile=true"])
     assert (tuned.train.steps_per_execution, tuned.train.jit_compile) == (8, True)
+    # Text keys take the text as written (a Tune trial id is YAML's integer 4052700000), null
+    # still clears an optional one, and number keys still read numbers.
+    named = load_config(None, ["run.name=40527_00000", "tune.name=2024", "data.output=yes", "model.name=resnet18"])
+    assert (named.run.name, named.tune.name, named.data.output) == ("40527_00000", "2024", "yes")
+    assert load_config(None, ["run.name=x", "run.name=null"]).run.name is None
+    assert load_config(None, ["train.epochs=1_0"]).train.epochs == 10
 
 
 @pytest.mark.parametrize("override, message", [

@@ -111,8 +111,8 @@ class RowShuffler:
     """A streaming shuffle over ``capacity`` rows, vectorised (the semantics of tf.data's shuffle
     buffer): until the buffer is full rows only go in; then every incoming row takes the place of
     a uniformly chosen row of the buffer, which comes out; ``drain`` empties it in random order.
-    Ray Data's ``local_shuffle_buffer_size`` does the same on Arrow tables at a fraction of the
-    speed; this one costs a gather and a scatter of the batch's pixels."""
+    Ray Data's ``local_shuffle_buffer_size`` does the same on Arrow tables, batch by batch; this
+    one works on whole blocks and costs a gather and a scatter of their pixels."""
 
     def __init__(self, capacity: int, rng: np.random.Generator):
         self.capacity, self.rng = capacity, rng
