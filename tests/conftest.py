@@ -12,7 +12,7 @@ from synthetic_data import make_image_folder
 
 # Fixtures that start Ray (or a cluster of it): tests that use them are `slow`, and
 # `pytest -m "not slow"` is the quick inner loop.
-RAY_FIXTURES = {"training_ray", "local_ray", "ray_local", "s3_ray", "two_nodes", "autoscaling_cluster"}
+RAY_FIXTURES = {"local_ray", "s3_ray", "two_nodes", "autoscaling_cluster"}
 
 
 def pytest_collection_modifyitems(items):
@@ -22,27 +22,42 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for the session, shared by every module that needs a plain one: two 1-CPU
+    training workers (or trials) plus the CPUs that Ray Data's input tasks need beside them, on
+    what looks like a node with two GPUs (see ``gpu_node_environment``). Started on first use;
+    a module that needs a Ray of its own (another environment, several nodes) calls
+    ``stop_local_ray`` first, and the next test that asks for this one starts it again."""
+    if not ray.is_initialized():
+        with gpu_node_environment() as gpus:
+            runtime.connect(num_cpus=runtime.INGEST_CPUS + 2, num_gpus=gpus)
+    yield
+
+
+def stop_local_ray():
+    """Before a module starts Ray processes of its own: two Ray instances on one machine confuse
+    Ray Train's placement-group clean-up (it watches the wrong one) and share default ports."""
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_local_ray_at_the_end():
+    yield
+    stop_local_ray()
+
+
+@pytest.fixture(scope="module")
 def source(tmp_path_factory):
     """A learnable 4-class image folder with a test split: 160 training and 32 test images."""
     return make_image_folder(str(tmp_path_factory.mktemp("images")), classes=4, per_class=40, test_per_class=8)
 
 
-@pytest.fixture(scope="module")
-def training_ray():
-    """A local Ray for the module: two 1-CPU training workers (or trials) plus the CPUs that
-    Ray Data's input tasks need beside them, on what looks like a node with two GPUs (see
-    ``gpu_node_environment``)."""
-    with gpu_node_environment() as gpus:
-        runtime.connect(num_cpus=runtime.INGEST_CPUS + 2, num_gpus=gpus)
-        yield
-        ray.shutdown()
-
-
 @contextlib.contextmanager
 def gpu_node_environment(gpus: int = 2):
-    """The environment of a GPU node's raylet: Ray is told of ``gpus`` GPUs and the processes it
-    starts inherit ``CUDA_VISIBLE_DEVICES=0,1``, as on a real GPU machine. Ray rewrites the variable
-    for processes that hold GPUs; one that asked for none must not see them (pipeline.accelerators).
+    """The environment of a GPU node's raylet while Ray starts: Ray is told of ``gpus`` GPUs and
+    the processes it starts inherit ``CUDA_VISIBLE_DEVICES=0,1``, as on a real GPU machine. Ray
+    rewrites the variable for processes that hold GPUs; one that asked for none must not see them (pipeline.accelerators).
     TensorFlow here finds no CUDA device either way, so the runs themselves work on CPUs."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(gpus))))

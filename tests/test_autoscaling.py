@@ -1,8 +1,8 @@
 """A real autoscaling cluster on this machine: Ray's fake multi-node provider, with the head and
 the 1-GPU worker type of ray-cluster.yaml (its GPU mapped to a custom resource, so it runs on
 CPUs). A 2-worker training job makes the autoscaler start worker nodes, one Ray Train worker on
-each (the all-reduce crosses raylets), trains and exports; two Tune trials run on two nodes; the
-idle nodes are removed afterwards. Every node is a real raylet process."""
+each (the all-reduce crosses raylets), trains and exports; two Tune trials run on two nodes; batch
+inference spreads over them; the idle nodes are removed afterwards. Every node is a real raylet process."""
 
 import json
 import os
@@ -14,13 +14,16 @@ import time
 import pytest
 import yaml
 
+from conftest import stop_local_ray
 from ray_nodes import alive_nodes, cluster_env, free_port, stop_node, submit
 from s3_server import s3_server
 from synthetic_data import make_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.cluster
-IDLE_SECONDS = 12
+# Long enough that the nodes one test scaled up are still there for the next (a job's start-up
+# takes seconds), short enough for the last test to watch them go.
+IDLE_SECONDS = 30
 BUCKET = "s3://autoscaling-test"
 
 
@@ -61,6 +64,7 @@ def bucket_env():
 def autoscaling_cluster(tmp_path_factory, bucket_env):
     import ray._private.services
 
+    stop_local_ray()
     root = tmp_path_factory.mktemp("autoscaling")
     env = {**cluster_env(), **bucket_env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
     port = free_port()
@@ -133,7 +137,7 @@ def history_improved(run_dir) -> bool:
     return [row["epoch"] for row in history] == [1, 2] and history[-1]["loss"] < history[0]["loss"]
 
 
-def test_training_job_scales_up_trains_across_nodes_and_scales_down(autoscaling_cluster, shards):
+def test_training_job_scales_up_and_trains_across_nodes(autoscaling_cluster, shards):
     cluster = autoscaling_cluster
     result = cluster_job(cluster, shards, "--set", "scaling.num_workers=2", "--set", "run.name=scaled",
                          "--set", "train.precision=fp32")
@@ -148,9 +152,6 @@ def test_training_job_scales_up_trains_across_nodes_and_scales_down(autoscaling_
     # One Ray Train worker per autoscaled node: the all-reduce crossed raylets.
     nodes = {worker["node_id"] for worker in summary["workers"]}
     assert len(summary["workers"]) == 2 and len(nodes) == 2
-    # Idle nodes are removed after idle_timeout_minutes: back to the head alone.
-    counts = watch_nodes(cluster, lambda count: count == 1, timeout=IDLE_SECONDS + 120)
-    assert counts[-1] == 1, counts
 
 
 def test_two_trials_run_at_once_on_different_nodes(autoscaling_cluster, shards):
@@ -199,3 +200,10 @@ def test_batch_inference_across_nodes_from_and_to_s3(autoscaling_cluster, shards
     found = json.loads(check.stdout.strip().splitlines()[-1])
     assert found["summary"]["files_seen"] == 72 and found["summary"]["classified"] == 72
     assert len(found["paths"]) == 72 == len(set(found["paths"]))  # each file exactly once
+
+
+def test_idle_nodes_are_removed(autoscaling_cluster):
+    # Last in the module: the tests above reuse the nodes the first one scaled up (they are idle
+    # for less than idle_timeout_minutes in between). Once nothing runs: back to the head alone.
+    counts = watch_nodes(autoscaling_cluster, lambda count: count == 1, timeout=IDLE_SECONDS + 120)
+    assert counts[-1] == 1, counts

@@ -1,8 +1,8 @@
 """The data stage: sources (CIFAR-10 format, image folders, archives, download) -> Parquet shards + manifest.
 
 Every dataset here is built by the tests themselves and is tiny: an archive in the official
-CIFAR-10 format with 20 rows per batch, image folders of a few dozen files. The Ray tests share one
-local ``ray.init(num_cpus=2)`` for the module.
+CIFAR-10 format with 20 rows per batch, image folders of a few dozen files. The Ray tests use the
+session's local Ray (``conftest.local_ray``).
 """
 
 from __future__ import annotations
@@ -39,13 +39,6 @@ ROWS_PER_BATCH = 20
 
 
 # ---------------------------------------------------------------- fixtures and builders
-
-@pytest.fixture(scope="module")
-def ray_local():
-    runtime.connect(num_cpus=2)
-    yield
-    ray.shutdown()
-
 
 def make_config(tmp_path, *overrides):
     return load_config(None, [f"data.cache_dir={tmp_path}/cache", f"data.output={tmp_path}/out", *overrides])
@@ -119,7 +112,7 @@ def shard_folders(output) -> list[str]:
 # ---------------------------------------------------------------- CIFAR-10 format round trip
 
 @pytest.mark.parametrize("form", ["archive", "folder"])
-def test_cifar_round_trip_every_pixel_and_label(cifar, form, tmp_path, ray_local):
+def test_cifar_round_trip_every_pixel_and_label(cifar, form, tmp_path, local_ray):
     archive, folder, expected = cifar
     source = archive if form == "archive" else os.path.dirname(folder)  # a folder containing the batches
     config = make_config(tmp_path, f"data.source={source}", "data.rows_per_shard=16", "data.val_fraction=0.2")
@@ -174,7 +167,7 @@ def test_cifar_round_trip_every_pixel_and_label(cifar, form, tmp_path, ray_local
         np.testing.assert_array_equal(image, expected[id_][0])
 
 
-def test_cifar_resized_rows_match_decode_image_resize(cifar, tmp_path, ray_local):
+def test_cifar_resized_rows_match_decode_image_resize(cifar, tmp_path, local_ray):
     _, folder, expected = cifar
     manifest = run_preprocess(make_config(tmp_path, f"data.source={folder}", "data.image_size=48",
                                           "data.val_fraction=0"))
@@ -227,7 +220,7 @@ def make_mixed_folder(root) -> tuple[str, dict]:
     return str(root), lossless
 
 
-def test_train_files_are_read_in_a_new_seeded_order_every_epoch(tmp_path, ray_local):
+def test_train_files_are_read_in_a_new_seeded_order_every_epoch(tmp_path, local_ray):
     # Training reads the shard files shuffled at read time, every epoch anew (no all-to-all
     # randomize_block_order). Order-preserving execution makes the file order visible.
     folder = make_image_folder(str(tmp_path / "images"), classes=("a", "b"), per_class=32)
@@ -254,7 +247,7 @@ def test_train_files_are_read_in_a_new_seeded_order_every_epoch(tmp_path, ray_lo
         context.execution_options.preserve_order = preserve_order
 
 
-def test_image_folder_mixed_formats_and_bad_files(tmp_path, ray_local):
+def test_image_folder_mixed_formats_and_bad_files(tmp_path, local_ray):
     root, lossless = make_mixed_folder(tmp_path / "images")
     config = make_config(tmp_path, f"data.source={root}", "data.val_fraction=0", "data.max_failed_fraction=0.5")
     manifest = run_preprocess(config)
@@ -271,7 +264,7 @@ def test_image_folder_mixed_formats_and_bad_files(tmp_path, ray_local):
     assert all(pixels.shape == (32, 32, 3) for pixels, _ in rows.values())
 
 
-def test_too_many_bad_files_fail_without_manifest(tmp_path, ray_local):
+def test_too_many_bad_files_fail_without_manifest(tmp_path, local_ray):
     root, _ = make_mixed_folder(tmp_path / "images")
     config = make_config(tmp_path, f"data.source={root}", "data.val_fraction=0", "data.max_failed_fraction=0.1")
     with pytest.raises(PreprocessError, match=r"3 of 14 images.*max_failed_fraction") as error:
@@ -284,7 +277,7 @@ def test_too_many_bad_files_fail_without_manifest(tmp_path, ray_local):
         open_manifest(str(output))
 
 
-def test_image_folder_train_test_layout_and_single_top_folder_archive(tmp_path, ray_local):
+def test_image_folder_train_test_layout_and_single_top_folder_archive(tmp_path, local_ray):
     packed = tmp_path / "packed" / "dataset"
     make_image_folder(str(packed / "train"), classes=("a", "b", "c"), per_class=5)
     make_image_folder(str(packed / "test"), classes=("a", "c"), per_class=2, seed=1)
@@ -305,7 +298,7 @@ def test_image_folder_train_test_layout_and_single_top_folder_archive(tmp_path, 
 
 # ---------------------------------------------------------------- idempotency and rebuilds
 
-def test_rerun_reuses_and_config_change_or_force_rebuilds(tmp_path, ray_local, capsys):
+def test_rerun_reuses_and_config_change_or_force_rebuilds(tmp_path, local_ray, capsys):
     root = make_image_folder(tmp_path / "images", per_class=10)
     output = tmp_path / "out"
     config = make_config(tmp_path, f"data.source={root}", "data.val_fraction=0", "data.rows_per_shard=8")
@@ -367,7 +360,7 @@ def test_only_unexpired_leases_keep_a_build(tmp_path):
     assert storage.list_dir(storage.join(output, "leases", "shards-writing")) == []  # released
 
 
-def test_crashed_build_leftovers_are_removed_on_commit(tmp_path, ray_local):
+def test_crashed_build_leftovers_are_removed_on_commit(tmp_path, local_ray):
     root = make_image_folder(tmp_path / "images", per_class=3)
     crashed = tmp_path / "out" / "shards-19700101-000000-dead00" / "train"
     crashed.mkdir(parents=True)

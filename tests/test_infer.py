@@ -3,7 +3,7 @@ a direct ``model.predict`` on the same pixels, CSV / Parquet / directory outputs
 accuracy, the single-image mode and the ``jobs/predict.py`` entry point.
 
 A tiny exported model (8x8 pixels, 3 classes) and tiny images made here keep this under a minute;
-the Ray tests share one local ``ray.init(num_cpus=2)``.
+the Ray tests use the session's local Ray (``conftest.local_ray``, a node with two GPUs).
 """
 
 import io
@@ -19,10 +19,9 @@ import pytest
 from PIL import Image
 
 import pipeline  # noqa: F401  (before TensorFlow: tf-keras)
-from pipeline import infer
+from pipeline import infer, runtime
 from pipeline.config import Config, load_config, to_dict
 from pipeline.data.images import decode_image
-from conftest import gpu_node_environment
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_SIZE = 8
@@ -137,19 +136,6 @@ def labelled_folder(tmp_path_factory):
     return root.resolve()
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """A local Ray that looks like a node with two GPUs (``conftest.gpu_node_environment``)."""
-    import ray
-
-    from pipeline import runtime
-
-    with gpu_node_environment() as gpus:
-        ray.init(num_cpus=2, num_gpus=gpus, include_dashboard=False, runtime_env=runtime.runtime_env())
-        yield
-        ray.shutdown()
-
-
 def _direct_predictions(model, paths: list[str]) -> np.ndarray:
     """What the model says about these files when called directly on the decoded pixels."""
     pixels = np.stack([decode_image(open(path, "rb").read(), IMAGE_SIZE) for path in paths])
@@ -233,7 +219,11 @@ def test_list_inputs_errors_name_the_input(tmp_path, mixed_folder):
         infer.list_inputs(str(mixed_folder / "readme.md"))
 
 
-def test_bad_settings_fail_before_ray_starts(exported_model, mixed_folder, tmp_path):
+def test_bad_settings_fail_before_ray_starts(exported_model, mixed_folder, tmp_path, monkeypatch):
+    def connect(*args, **kwargs):
+        raise AssertionError("Ray was started (or joined) before the settings were checked")
+
+    monkeypatch.setattr(runtime, "connect", connect)
     folder, _ = exported_model
     with pytest.raises(ValueError, match="no output given"):
         infer.run_inference(_config(folder, mixed_folder, ""))
@@ -245,9 +235,6 @@ def test_bad_settings_fail_before_ray_starts(exported_model, mixed_folder, tmp_p
     (tmp_path / "busy" / "thesis.tex").write_text("keep me")
     with pytest.raises(ValueError, match="already holds other files"):
         infer.run_inference(_config(folder, mixed_folder, tmp_path / "busy"))
-    import ray
-
-    assert not ray.is_initialized()
 
 
 # ---------------------------------------------------------------- batch inference on Ray
@@ -287,8 +274,10 @@ def test_csv_output_matches_model_predict_and_lists_broken_files(local_ray, expo
     assert summary["labelled"] is False and summary["accuracy"] is None
     assert summary["images_per_second"] > 0
     assert summary["provenance"]["pipeline"] == pipeline.__version__
-    # On a GPU node, the CPU model actors (gpus_per_actor 0) saw no GPU.
-    assert len(summary["actors"]) == 2
+    # On a GPU node, the CPU model actors (gpus_per_actor 0) saw no GPU. Each actor records its
+    # facts once its model is loaded; Ray Data does not wait for the whole pool before it starts
+    # (wait_for_min_actors_s is off), so on a few batches the second actor may never get there.
+    assert 1 <= len(summary["actors"]) <= 2
     assert all(actor["cuda_visible_devices"] == "" and actor["gpus"] == [] for actor in summary["actors"])
     assert json.loads((tmp_path / "out" / "predictions.summary.json").read_text()) == summary
     _no_staging_left(tmp_path / "out")
@@ -301,8 +290,9 @@ def test_gpu_actors_see_only_the_gpu_ray_gave_them(local_ray, exported_model, mi
     summary = infer.run_inference(_config(folder, mixed_folder, output, num_actors=2, cpus_per_actor=0.5,
                                           gpus_per_actor=0.5))
     assert summary["classified"] == len(GOOD_FILES)
+    # Each actor that loaded its model saw exactly one device id (not the node's "0,1").
     visible = [actor["cuda_visible_devices"] for actor in summary["actors"]]
-    assert len(visible) == 2 and set(visible) <= {"0", "1"}, visible
+    assert 1 <= len(visible) <= 2 and set(visible) <= {"0", "1"}, visible
 
 
 def test_labelled_folder_parquet_reports_accuracy(local_ray, exported_model, labelled_folder, tmp_path):

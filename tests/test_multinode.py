@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from conftest import stop_local_ray
 from ray_nodes import cluster_env, head_node, submit, worker_node
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,6 +19,7 @@ pytestmark = pytest.mark.cluster
 
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
+    stop_local_ray()
     env = cluster_env()
     # One "slot" per node: a job whose workers each ask for one gets one worker per node.
     slot = ('--resources={"slot": 1}',)

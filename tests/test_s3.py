@@ -17,6 +17,7 @@ from pipeline.data.preprocess import run_preprocess
 from pipeline.infer import run_inference
 from pipeline.train.run import run_training
 from pipeline.tune.search import run_search
+from conftest import stop_local_ray
 from s3_server import s3_server
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,6 +42,7 @@ def s3_environment():
 
 @pytest.fixture(scope="module")
 def s3_ray(s3_environment):
+    stop_local_ray()  # its workers must inherit the S3 environment: a Ray of its own
     runtime.connect(num_cpus=runtime.INGEST_CPUS + 2)
     yield
     ray.shutdown()

@@ -37,7 +37,7 @@ def checkpoints(run_dir):
                   if name.startswith("checkpoint_") and os.path.isdir(os.path.join(run_dir, name)))
 
 
-def test_one_worker_trains_checkpoints_and_exports(source, tmp_path, training_ray):
+def test_one_worker_trains_checkpoints_and_exports(source, tmp_path, local_ray):
     # fp16 (mixed_float16 with a loss-scale optimizer) is the GPU path; it runs, slowly, on a CPU
     # too, and its checkpoint restore and float32 export are what this run checks.
     config = smoke_config(source, tmp_path, "run.name=one", "train.precision=fp16")
@@ -103,7 +103,7 @@ def checkpoints_by_epoch(run_dir):
     return sorted(epochs, key=epochs.get)
 
 
-def test_stopped_run_resumes_at_the_right_epoch(source, tmp_path, training_ray):
+def test_stopped_run_resumes_at_the_right_epoch(source, tmp_path, local_ray):
     """Ctrl-C a training job after its first checkpoint; the same command again continues from it
     and ends with exactly the configured number of epochs. The job joins this module's Ray, as a
     job joins its cluster: the driver's exit ends its Train run there (and no Ray start per run).
@@ -164,7 +164,7 @@ def precision_probe(loop_config):
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")})
 
 
-def test_workers_agree_on_one_precision_and_see_their_own_gpu(training_ray, tmp_path):
+def test_workers_agree_on_one_precision_and_see_their_own_gpu(local_ray, tmp_path):
     # Each worker alone would pick its own (bf16 on rank 0, fp16 on rank 1): replicas in different
     # dtypes, one loss-scaled. Decided once, by all-reduce, both train in fp16.
     cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -1,6 +1,6 @@
 """Ray Tune over real distributed training trials on a local Ray: ASHA, a diverging trial, the
-results a search leaves, best.yaml trained again, PBT exploiting a checkpoint, and a killed search
-resumed by the same command."""
+results a search leaves, best.yaml trained again, PBT exploiting a checkpoint, and a killed Optuna
+search resumed by the same command."""
 
 import contextlib
 import csv
@@ -25,19 +25,26 @@ SMOKE_SEARCH = os.path.join(REPO, "configs/search-smoke.yaml")
 pytestmark = pytest.mark.cluster
 
 
-def search_overrides(source, root, name):
-    return [f"data.source={source}", f"data.output={root}/data", f"run.storage_path={root}/runs",
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """One data folder for the module's searches: the first preprocesses ``source`` into it, the
+    others find its manifest current (same data settings) and reuse the shards."""
+    return str(tmp_path_factory.mktemp("shards"))
+
+
+def search_overrides(source, shards, root, name):
+    return [f"data.source={source}", f"data.output={shards}", f"run.storage_path={root}/runs",
             f"tune.storage_path={root}/searches", f"tune.name={name}", "tune.max_concurrent_trials=2"]
 
 
 @pytest.fixture(scope="module")
-def asha_search(source, tmp_path_factory, training_ray):
+def asha_search(source, shards, tmp_path_factory, local_ray):
     """Four trials, two at a time: two good learning rates first, then one too small to learn in
     an epoch (ASHA stops it at the first rung) and one so large that the weights overflow. Five
     epochs (rungs at 1, 2 and 4): Ray Train runs on while Tune decides, so a stopped trial may
     record an epoch or two past its rung, but not the whole budget."""
     root = tmp_path_factory.mktemp("asha")
-    config = load_config(SMOKE_SEARCH, search_overrides(source, root, "asha") + [
+    config = load_config(SMOKE_SEARCH, search_overrides(source, shards, root, "asha") + [
         "tune.num_samples=1", "train.epochs=5", "tune.space={train.learning_rate: {grid: [0.05, 0.03, 0.00001, 1.0e+30]}}"])
     return config, run_search(config)
 
@@ -87,7 +94,7 @@ def test_search_folder_holds_results_best_recipe_plots_and_export(asha_search):
             assert row["run_dir"].startswith(os.path.join(search_dir, "trials"))
 
 
-def test_best_yaml_trains_unchanged_with_the_best_trials_config(asha_search, training_ray):
+def test_best_yaml_trains_unchanged_with_the_best_trials_config(asha_search, local_ray):
     config, summary = asha_search
     best_yaml = summary["best_yaml"]
     recipe = yaml.safe_load(open(best_yaml))
@@ -106,12 +113,12 @@ def test_best_yaml_trains_unchanged_with_the_best_trials_config(asha_search, tra
     assert storage.read_json(os.path.join(run_dir, "summary.json"))["epochs"] == config.train.epochs
 
 
-def test_pbt_continues_a_trial_from_a_better_trials_checkpoint(source, tmp_path, training_ray):
+def test_pbt_continues_a_trial_from_a_better_trials_checkpoint(source, shards, tmp_path, local_ray):
     # Synchronous PBT: at epoch 2 both trials wait for each other (paused), then the lower one
     # exploits the upper one. (Asynchronous PBT exploits only if the upper trial reached a point
     # before the lower one reaches its next: left to timing, too flaky for a test.) Two trials
     # that cannot tie: the smoke model and one a single channel wide.
-    config = load_config(SMOKE_SEARCH, search_overrides(source, tmp_path, "pbt") + [
+    config = load_config(SMOKE_SEARCH, search_overrides(source, shards, tmp_path, "pbt") + [
         "tune.scheduler=pbt", "tune.pbt_synch=true", "tune.perturbation_interval=2", "train.epochs=3",
         "tune.num_samples=1", "tune.metric=loss",
         "tune.space={train.learning_rate: {uniform: [0.01, 0.06]}, model.width: {grid: [8, 1]}}"])
@@ -147,27 +154,9 @@ def test_pbt_continues_a_trial_from_a_better_trials_checkpoint(source, tmp_path,
     assert [entry["epoch"] for entry in history] == [1, 2, 3]
 
 
-def test_optuna_search_with_relative_paths(source, tmp_path, training_ray, monkeypatch):
-    # Relative paths mean the driver's working directory, although Tune runs each trial elsewhere.
-    monkeypatch.chdir(tmp_path)
-    config = load_config(SMOKE_SEARCH, [
-        f"data.source={os.path.relpath(source, tmp_path)}", "data.output=data", "run.storage_path=runs",
-        "tune.storage_path=searches", "tune.name=optuna", "tune.max_concurrent_trials=2",
-        "tune.search_alg=optuna", "tune.scheduler=fifo", "tune.num_samples=2", "train.epochs=1"])
-    summary = run_search(config)
-    assert summary["search_dir"] == str(tmp_path / "searches" / "optuna")
-    assert os.path.exists(tmp_path / "data" / "manifest.json")
-    rows = rows_of(summary)
-    assert summary["trials"] == 2 and summary["completed"] == 2
-    for row in rows:
-        assert 0.001 <= float(row["train.learning_rate"]) <= 0.3
-        assert 0.00001 <= float(row["train.weight_decay"]) <= 0.001
-    assert rows[0]["train.learning_rate"] != rows[1]["train.learning_rate"]
-
-
-def test_a_search_whose_every_trial_fails_exits_with_the_reason(source, tmp_path, training_ray, capsys):
+def test_a_search_whose_every_trial_fails_exits_with_the_reason(source, shards, tmp_path, local_ray, capsys):
     arguments = ["tune", "--config", SMOKE_SEARCH]
-    for override in search_overrides(source, tmp_path, "diverged") + [
+    for override in search_overrides(source, shards, tmp_path, "diverged") + [
             "tune.space={train.learning_rate: {grid: [1.0e+30]}}", "tune.num_samples=1", "train.epochs=1",
             "tune.scheduler=fifo"]:
         arguments += ["--set", override]
@@ -177,13 +166,15 @@ def test_a_search_whose_every_trial_fails_exits_with_the_reason(source, tmp_path
                             "error: TrainingDiverged: run ") and "results.csv" in error
 
 
-def test_killed_search_resumes_without_training_finished_trials_again(source, tmp_path, training_ray):
+def test_killed_optuna_search_resumes_without_training_finished_trials_again(source, tmp_path, local_ray):
     # The job joins this module's Ray, as a job joins its cluster (see test_train's resume test).
+    # Optuna samples the smoke search's space; relative paths mean the job's working directory,
+    # although Tune runs each trial elsewhere.
     arguments = [sys.executable, os.path.join(REPO, "jobs/tune.py"), "--address", ray.get_runtime_context().gcs_address,
                  "--config", SMOKE_SEARCH]
-    for override in search_overrides(source, tmp_path, "resume") + [
-            "tune.scheduler=fifo", "tune.max_concurrent_trials=1", "train.epochs=1",
-            "tune.space={train.learning_rate: {grid: [0.05, 0.02]}}", "tune.num_samples=1"]:
+    for override in [f"data.source={os.path.relpath(source, tmp_path)}", "data.output=data", "run.storage_path=runs",
+                     "tune.storage_path=searches", "tune.name=resume", "tune.search_alg=optuna",
+                     "tune.scheduler=fifo", "tune.max_concurrent_trials=1", "train.epochs=1", "tune.num_samples=2"]:
         arguments += ["--set", override]
     search_dir = tmp_path / "searches" / "resume"
     first = subprocess.Popen(arguments, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -207,7 +198,13 @@ def test_killed_search_resumes_without_training_finished_trials_again(source, tm
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resuming search 'resume'" in second.stdout
     summary = storage.read_json(str(search_dir / "summary.json"))
+    assert summary["search_dir"] == str(search_dir) and (tmp_path / "data" / "manifest.json").exists()
     assert summary["trials"] == 2 and summary["completed"] == 2
+    rows = rows_of(summary)
+    for row in rows:
+        assert 0.001 <= float(row["train.learning_rate"]) <= 0.3
+        assert 0.00001 <= float(row["train.weight_decay"]) <= 0.001
+    assert rows[0]["train.learning_rate"] != rows[1]["train.learning_rate"]
     for run_dir, history in done.items():
         assert (run_dir / "history.json").read_bytes() == history  # not trained again
     assert len(list((search_dir / "trials").glob("*/summary.json"))) == 2
