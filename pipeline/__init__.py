@@ -76,3 +76,9 @@ class Stopped(BaseException):
     """SIGTERM (``ray job stop``, a scheduler's kill), raised in the driver's main thread so that a
     stage unwinds (leases released, Ray shut down) as on Ctrl-C instead of vanishing mid-write.
     ``pipeline.runtime.connect`` installs the handler; the CLI says what was kept."""
+
+
+# Every process that imports the package logs the same way (see pipeline.logs).
+from pipeline import logs as _logs  # noqa: E402
+
+_logs.install()

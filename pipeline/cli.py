@@ -131,9 +131,18 @@ def run(args) -> int:
         print_search_summary(run_search(config))
         return 0
     if args.command == "predict":
-        from pipeline import infer
+        from pipeline.infer import predict_image, run_inference
+        from pipeline.infer.inputs import is_single_image
 
-        return infer.main(config, args.address)  # checks its inputs, then connects and runs preflight
+        settings = config.infer
+        if settings.output is None and is_single_image(settings.input):
+            # One image and nowhere to write: classified here, without Ray, and printed.
+            if not settings.model:
+                raise ValueError("no model given: set --model (or infer.model) to an export, checkpoint or run folder")
+            print_image_prediction(predict_image(settings.model, settings.input, settings.top_k))
+            return 0
+        print_inference_summary(run_inference(config, args.address))  # checks its inputs, then connects
+        return 0
     raise AssertionError(args.command)
 
 
@@ -177,6 +186,28 @@ def print_search_summary(summary: dict) -> None:
     if best["export"]:
         print(f"  model: {best['export']}")
     print(f"  results: {summary['results_csv']}\n  train it: python jobs/train.py --config {summary['best_yaml']}")
+
+
+def print_inference_summary(summary: dict) -> None:
+    failed = summary["failed"]
+    print(f"\n{summary['files_seen']:,} files: {summary['classified']:,} classified, {failed:,} failed"
+          f"{' (see ' + summary['outputs']['errors'] + ')' if failed else ''}, "
+          f"{summary['elapsed_seconds']:.1f} s, {summary['images_per_second']:.1f} images/s end to end")
+    accuracy = summary["accuracy"]
+    if accuracy is not None and accuracy["images"]:
+        print(f"  accuracy over {accuracy['images']:,} labelled images: top-1 {accuracy['top1']:.4f}, "
+              f"top-5 {accuracy['top5']:.4f}")
+        worst = sorted((values["accuracy"], name) for name, values in accuracy["per_class"].items()
+                       if values["accuracy"] is not None)[:3]
+        print("  lowest per-class accuracy: " + ", ".join(f"{name} {value:.4f}" for value, name in worst))
+    for name, path in summary["outputs"].items():
+        print(f"  {name}: {path}")
+
+
+def print_image_prediction(result: dict) -> None:
+    print(f"{result['predicted_class']}  (confidence {result['confidence']:.4f})  {result['path']}")
+    for rank, (name, probability) in enumerate(zip(result["top_k_classes"], result["top_k_probabilities"]), 1):
+        print(f"  {rank}. {name:<20} {probability:.4f}")
 
 
 if __name__ == "__main__":

@@ -26,12 +26,14 @@ from PIL import Image
 
 from pipeline import runtime, storage
 from pipeline.config import ConfigError, load_config, to_yaml
-from pipeline.data import sources
+from pipeline.data import SourceError
+from pipeline.data import cifar as cifar_format
+from pipeline.data.archives import UnsafeArchive
 from pipeline.data.images import decode_image
 from pipeline.data.manifest import (ManifestError, collect_garbage, images_from_column, lease,
                                     open_manifest)
 from pipeline.data.preprocess import PreprocessError, run_preprocess, shard_name, split_train_val
-from pipeline.data.sources import Item, SourceError, UnsafeArchive, resolve_source
+from pipeline.data.sources import Item, resolve_source
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -424,13 +426,13 @@ def test_download_verifies_checksum_and_caches(cifar, tmp_path, monkeypatch):
 
     with open(archive, "rb") as handle:
         md5 = hashlib.md5(handle.read()).hexdigest()
-    monkeypatch.setattr(sources, "CIFAR10_ARCHIVE_BYTES", os.path.getsize(archive))
-    monkeypatch.setattr(sources, "CIFAR10_ARCHIVE_MD5", "0" * 32)
+    monkeypatch.setattr(cifar_format, "CIFAR10_ARCHIVE_BYTES", os.path.getsize(archive))
+    monkeypatch.setattr(cifar_format, "CIFAR10_ARCHIVE_MD5", "0" * 32)
     with pytest.raises(SourceError, match=f"expected md5 {'0' * 32}, got {md5}"):
         resolve_source(config.data)
     assert not (cache / "cifar-10-python.tar.gz").exists()
 
-    monkeypatch.setattr(sources, "CIFAR10_ARCHIVE_MD5", md5)
+    monkeypatch.setattr(cifar_format, "CIFAR10_ARCHIVE_MD5", md5)
     source = resolve_source(config.data)
     assert source.kind == "cifar10" and source.class_names == CLASS_NAMES
     assert (cache / "cifar-10-python.tar.gz").is_file()

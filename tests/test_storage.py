@@ -6,7 +6,8 @@ import os
 import pyarrow as pa
 import pytest
 
-from pipeline import infer, storage
+from pipeline import storage
+from pipeline.infer import outputs
 from s3_server import s3_server
 
 BUCKET = "s3://storage-test"
@@ -72,7 +73,7 @@ def test_a_predictions_file_is_never_published_half_written(root, monkeypatch):
     monkeypatch.setattr(pacsv, "write_csv", write_header_then_fail)
     path = storage.join(root, "predictions.csv")
     with pytest.raises(OSError, match="connection reset"):
-        infer._write_table(pa.table({"path": ["x.png"], "predicted_class": ["cat"]}), path, "csv")
+        outputs.write_table(pa.table({"path": ["x.png"], "predicted_class": ["cat"]}), path, "csv")
     assert not storage.exists(path)
     assert leftovers(root) == []
 

@@ -20,8 +20,9 @@ def test_progress_lines_at_the_interval_with_speed_and_time_left(capsys):
         progress.on_train_batch_end(batch, {"loss": 1.23456, "accuracy": 0.5})
     lines = capsys.readouterr().out.splitlines()
     # a line every 15 steps (30 s), none for the last step (the epoch's own summary follows)
-    assert [line.split(" ")[3] for line in lines] == [f"{step}/100" for step in range(15, 100, 15)]
-    assert lines[0] == ("epoch 2/3 step 15/100 loss=1.2346 accuracy=0.5000 25.0 images/s, epoch ends in 170 s")
+    assert [line.split(" ")[4] for line in lines] == [f"{step}/100" for step in range(15, 100, 15)]
+    assert lines[0] == ("[train] epoch 2/3 step 15/100 loss=1.2346 accuracy=0.5000 25.0 images/s, "
+                        "epoch ends in 170 s")
 
 
 def test_quiet_when_steps_are_faster_than_the_interval(capsys):

@@ -1,1 +1,5 @@
 """The data stage: sources (CIFAR-10 archive, image folders) -> Ray Data -> Parquet shards + manifest."""
+
+
+class SourceError(ValueError):
+    """The configured source is missing, malformed or unsafe; the message says what to change."""

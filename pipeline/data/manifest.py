@@ -19,6 +19,7 @@ A build deletes other builds' shard folders only when no unexpired lease names t
 from __future__ import annotations
 
 import contextlib
+import datetime
 import posixpath
 import threading
 import time
@@ -27,10 +28,13 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+import pipeline
 from pipeline import storage
+from pipeline.config import saved_dict, to_yaml
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
+PIXEL_FORMAT = "uint8 HWC RGB, row-major, in the binary column 'image'"
 
 
 class ManifestError(ValueError):
@@ -121,6 +125,41 @@ class Manifest:
         finally:
             if use_v2:
                 context.use_datasource_v2 = use_v2
+
+
+def write_manifest(output: str, config, source, *, config_fingerprint: str, build: str, splits: dict,
+                   mean: np.ndarray, std: np.ndarray, rejected: list[dict], seen: int, elapsed: float,
+                   timings: dict[str, float]) -> Manifest:
+    """Commit a preprocess build: ``config.yaml``, then (last, atomically) ``manifest.json``.
+    ``splits``: {split: {"rows", "class_counts", "shards": [{"path", "rows"}]}} of the build's
+    shards; ``mean``/``std``: per-channel statistics of the train split (0-255 units)."""
+    data = config.data
+    written = sum(split["rows"] for split in splits.values())
+    raw = {
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": source.describe(),
+        "source_fingerprint": source.fingerprint,
+        "config_fingerprint": config_fingerprint,
+        "data_config": saved_dict(config)["data"],
+        "class_names": source.class_names,
+        "image_size": data.image_size,
+        "channels": 3,
+        "pixel_format": PIXEL_FORMAT,
+        "normalization": {"mean": [round(float(v), 6) for v in mean], "std": [round(float(v), 6) for v in std],
+                          "units": "0-255 pixel values, per channel R, G, B, over the train split"},
+        "splits": splits,
+        "rejected": rejected,
+        "counts": {"seen": seen, "written": written, "rejected": len(rejected)},
+        "elapsed_seconds": round(elapsed, 3),
+        "images_per_second": round(seen / elapsed, 1),
+        "timings": {key: round(value, 3) for key, value in timings.items()},
+        "build": build,
+        "provenance": pipeline.provenance(),
+    }
+    storage.write_text(storage.join(output, "config.yaml"), to_yaml(config))
+    storage.write_json(storage.join(output, MANIFEST_NAME), raw)  # the commit point
+    return Manifest(output, raw)
 
 
 # A read task only parses Parquet pages (pixels are unpacked in the consumer), so a quarter CPU is

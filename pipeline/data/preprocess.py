@@ -18,27 +18,26 @@ a re-run (or ``pipeline train``) costs a listing of the source, not a decode.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import json
-import os
+import logging
 import time
 import uuid
-from datetime import datetime, timezone
 from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
-import pipeline
 from pipeline import storage
-from pipeline.config import Config, DataConfig, fingerprint, saved_dict, to_yaml
+from pipeline.config import Config, DataConfig, fingerprint
+from pipeline.data.cifar import cifar_pixels
 from pipeline.data.images import UnreadableImage, decode_image
 from pipeline.data.manifest import (MANIFEST_NAME, SCHEMA_VERSION, Manifest, collect_garbage, lease,
-                                    shard_relative_path)
-from pipeline.data.sources import CIFAR10_IMAGE_SIZE, Item, Source, load_cifar_batch, resolve_source, say
+                                    shard_relative_path, write_manifest)
+from pipeline.data.sources import Item, Source, resolve_source
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 
@@ -51,9 +50,6 @@ ROWS_PER_DECODE_BLOCK = 500
 # through the archive it yields, which the source fingerprint (md5) covers.
 SHARD_AFFECTING_KEYS = ("image_size", "val_fraction", "split_method", "split_seed",
                         "rows_per_shard", "max_failed_fraction", "max_images_per_class")
-
-PIXEL_FORMAT = "uint8 HWC RGB, row-major, in the binary column 'image'"
-
 
 class PreprocessError(ValueError):
     """The build failed for a reason the user can act on (too many unreadable files, no images)."""
@@ -79,17 +75,17 @@ def run_preprocess(config: Config, force: bool = False) -> Manifest:
     if existing is not None and not force:
         stale = _why_stale(existing, source, config_fingerprint, data)
         if stale is None:
-            say(f"reusing preprocessed data at {output} (same source and config; pass --force to rebuild)")
+            log.info(f"reusing preprocessed data at {output} (same source and config; pass --force to rebuild)")
             return Manifest(output, existing)
-        say(f"rebuilding preprocessed data at {output}: {stale}")
+        log.info(f"rebuilding preprocessed data at {output}: {stale}")
     elif existing is not None:
-        say(f"rebuilding preprocessed data at {output} (--force)")
+        log.info(f"rebuilding preprocessed data at {output} (--force)")
 
     splits = split_source(source, data)
     if not splits.get("train"):
         raise PreprocessError(f"no training images left in {source.root} after the split "
                               f"(data.val_fraction={data.val_fraction})")
-    say("splits: " + ", ".join(f"{name} {len(items)}" for name, items in splits.items())
+    log.info("splits: " + ", ".join(f"{name} {len(items)}" for name, items in splits.items())
         + (f" ({data.split_method} split, val_fraction {data.val_fraction}, seed {data.split_seed})"
            if "val" in splits else ""))
 
@@ -113,9 +109,9 @@ def run_preprocess(config: Config, force: bool = False) -> Manifest:
     # Older builds go, unless a training run (or another build) still holds them.
     removed = collect_garbage(output, keep=build)
     if removed:
-        say(f"removed {len(removed)} older shard folder(s) that no run uses: {', '.join(removed)}")
+        log.info(f"removed {len(removed)} older shard folder(s) that no run uses: {', '.join(removed)}")
     counts = manifest.raw["counts"]
-    say(f"done: {counts['seen']} images in {manifest.raw['elapsed_seconds']:.1f} s = "
+    log.info(f"done: {counts['seen']} images in {manifest.raw['elapsed_seconds']:.1f} s = "
         f"{manifest.raw['images_per_second']:.0f} images/s (source {timings['source_seconds']:.1f} s, "
         f"decode + write {timings['decode_and_write_seconds']:.1f} s), written to {output} "
         f"({counts['written']} rows, {counts['rejected']} rejected)")
@@ -177,14 +173,14 @@ def split_source(source: Source, data: DataConfig) -> dict[str, list[Item]]:
     if val:
         splits["val"] = val
     elif data.val_fraction > 0:
-        say(f"note: val_fraction {data.val_fraction} of {len(source.items_by_split['train'])} images rounds "
+        log.info(f"note: val_fraction {data.val_fraction} of {len(source.items_by_split['train'])} images rounds "
             f"to 0: no val split")
     if source.items_by_split.get("test"):
         splits["test"] = source.items_by_split["test"]
     if data.split_method == "tail" and source.kind == "image_folder" and val:
         classes = {item.label for item in val}
         if len(classes) < len(source.class_names):
-            say(f"note: split_method=tail took the last {len(val)} files in sorted path order, which covers "
+            log.info(f"note: split_method=tail took the last {len(val)} files in sorted path order, which covers "
                 f"only {len(classes)} of {len(source.class_names)} classes; split_method=stratified "
                 f"holds out every class equally")
     # Rows are written in a seeded random order so that every shard mixes all classes: training
@@ -223,26 +219,6 @@ def split_train_val(items: list[Item], val_fraction: float, method: str, seed: i
 
 # ---------------------------------------------------------------- Ray Data: decode
 
-@functools.lru_cache(maxsize=6)
-def _cifar_data(path: str, size: int, mtime_ns: int) -> np.ndarray:
-    """One unpickle per batch file per worker process; size/mtime make a changed file a cache miss.
-    All six files (~180 MB) fit: rows arrive in shuffled order (see split_source), so a block of
-    rows touches every file."""
-    data, _ = load_cifar_batch(path)
-    return data
-
-
-def _cifar_pixels(path: str, row: int, image_size: int) -> np.ndarray:
-    info = os.stat(path)
-    side = CIFAR10_IMAGE_SIZE
-    # A row is channel-major (R plane, G plane, B plane, each 32x32 row-major): CHW -> HWC.
-    pixels = _cifar_data(path, info.st_size, info.st_mtime_ns)[row].reshape(3, side, side).transpose(1, 2, 0)
-    if image_size != side:
-        # The same resize decode_image applies to files, so both kinds of source agree.
-        pixels = np.asarray(Image.fromarray(pixels).resize((image_size, image_size), Image.Resampling.BICUBIC))
-    return pixels
-
-
 def decode_images(batch: dict[str, np.ndarray], image_size: int) -> pa.Table:
     """Items -> raw pixels. A file that cannot be read or decoded becomes a row with an ``error``
     reason (and empty image) instead of failing the dataset; the writer skips and reports it."""
@@ -250,7 +226,7 @@ def decode_images(batch: dict[str, np.ndarray], image_size: int) -> pa.Table:
     for path, row in zip(batch["path"], batch["row"]):
         try:
             if row >= 0:
-                pixels = _cifar_pixels(path, int(row), image_size)
+                pixels = cifar_pixels(path, int(row), image_size)
             else:
                 with open(path, "rb") as handle:
                     pixels = decode_image(handle.read(), image_size)
@@ -370,7 +346,7 @@ def _writer_memory(data: DataConfig) -> int:
     to the number of shards."""
     shard_bytes = data.rows_per_shard * (data.image_size**2 * 3 + 64)
     if shard_bytes > 2**30:
-        say(f"note: a shard holds {shard_bytes / 2**30:.1f} GiB of pixels (rows_per_shard {data.rows_per_shard} "
+        log.info(f"note: a shard holds {shard_bytes / 2**30:.1f} GiB of pixels (rows_per_shard {data.rows_per_shard} "
             f"x {data.image_size}px); lower data.rows_per_shard if writer tasks run out of memory")
     return int(min(3 * shard_bytes + 256 * 2**20, 4 * 2**30))
 
@@ -379,7 +355,7 @@ def _write_split(split: str, items: list[Item], source: Source, data: DataConfig
                  build: str) -> list[dict]:
     import ray.data
 
-    say(f"writing split {split} ({len(items)} rows) to {storage.join(output, build, split)} ...")
+    log.info(f"writing split {split} ({len(items)} rows) to {storage.join(output, build, split)} ...")
     blocks = _item_blocks(items, data.rows_per_shard)
     dataset = ray.data.from_arrow(blocks)
     # In order: shard n holds rows [n*R, (n+1)*R) of the split, so a rebuild writes the same files.
@@ -407,7 +383,7 @@ def _write_split(split: str, items: list[Item], source: Source, data: DataConfig
 
 def _commit(config: Config, source: Source, config_fingerprint: str, output: str, build: str,
             results: dict[str, list[dict]], started: float, timings: dict[str, float]) -> Manifest:
-    """Check the failure budget, then write config.yaml and (last, atomically) manifest.json."""
+    """Check the failure budget, add up the shard writers' summaries, then write the manifest."""
     data = config.data
     rejected = [entry for summaries in results.values() for row in summaries for entry in json.loads(row["rejected"])]
     seen = sum(len(items) for items in source.items_by_split.values())
@@ -435,33 +411,9 @@ def _commit(config: Config, source: Source, config_fingerprint: str, output: str
     pixels = splits["train"]["rows"] * data.image_size**2
     mean = sums["train"][0] / pixels
     std = np.sqrt(np.maximum(sums["train"][1] / pixels - mean**2, 0.0))
-    written = sum(split["rows"] for split in splits.values())
-    elapsed = time.perf_counter() - started
-    raw = {
-        "schema_version": SCHEMA_VERSION,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": source.describe(),
-        "source_fingerprint": source.fingerprint,
-        "config_fingerprint": config_fingerprint,
-        "data_config": saved_dict(config)["data"],
-        "class_names": source.class_names,
-        "image_size": data.image_size,
-        "channels": 3,
-        "pixel_format": PIXEL_FORMAT,
-        "normalization": {"mean": [round(float(v), 6) for v in mean], "std": [round(float(v), 6) for v in std],
-                          "units": "0-255 pixel values, per channel R, G, B, over the train split"},
-        "splits": splits,
-        "rejected": rejected,
-        "counts": {"seen": seen, "written": written, "rejected": len(rejected)},
-        "elapsed_seconds": round(elapsed, 3),
-        "images_per_second": round(seen / elapsed, 1),
-        "timings": {key: round(value, 3) for key, value in timings.items()},
-        "build": build,
-        "provenance": pipeline.provenance(),
-    }
-    storage.write_text(storage.join(output, "config.yaml"), to_yaml(config))
-    storage.write_json(storage.join(output, MANIFEST_NAME), raw)  # the commit point
-    return Manifest(output, raw)
+    return write_manifest(output, config, source, config_fingerprint=config_fingerprint, build=build, splits=splits,
+                          mean=mean, std=std, rejected=rejected, seen=seen,
+                          elapsed=time.perf_counter() - started, timings=timings)
 
 
 def summarize(manifest: Manifest) -> str:

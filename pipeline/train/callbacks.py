@@ -7,6 +7,7 @@ passes its logs as tensors and the steps stay asynchronous on GPUs.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -20,6 +21,8 @@ import tf_keras as keras
 from pipeline import storage
 from pipeline.models.saving import write_checkpoint
 from pipeline.train.history import write_history
+
+log = logging.getLogger(__name__)
 
 
 def current_learning_rate(optimizer) -> float:
@@ -138,8 +141,8 @@ class ProgressLog(keras.callbacks.Callback):
         speed = done * self.global_batch / elapsed
         left = (self.steps - done) * elapsed / done
         values = " ".join(f"{key}={float(value):.4f}" for key, value in (logs or {}).items())
-        print(f"epoch {self.epoch + 1}/{self.epochs} step {done}/{self.steps} {values} "
-              f"{speed:.1f} images/s, epoch ends in {left:.0f} s", flush=True)
+        log.info(f"epoch {self.epoch + 1}/{self.epochs} step {done}/{self.steps} {values} "
+                 f"{speed:.1f} images/s, epoch ends in {left:.0f} s")
 
 
 def numeric(row: dict) -> dict:

@@ -15,6 +15,7 @@ checkpoints, progress, TensorBoard) are in ``callbacks.py``, the input pipeline 
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -33,6 +34,8 @@ from pipeline.train import devices, inputs
 from pipeline.train.callbacks import ProgressLog, ReportToRayTrain, TensorBoardToStorage
 from pipeline.train.history import write_history
 from pipeline.train.schedules import schedule_from_config
+
+log = logging.getLogger(__name__)
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -116,7 +119,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with checkpoint.as_directory() as directory:
             state = restore_checkpoint(directory, model=model, optimizer=optimizer)
         initial_epoch, history = state["epoch"], state["history"]
-        print(f"[rank {rank}] resumed from {checkpoint.path} at epoch {initial_epoch}/{config.train.epochs}")
+        log.info(f"rank {rank} resumed from {checkpoint.path} at epoch {initial_epoch}/{config.train.epochs}")
         if rank == 0:
             # A run started from another run's checkpoint has its history from the first moment,
             # even if no epoch is left to train.

@@ -12,6 +12,7 @@ checkpoint; a finished run is not trained again, only evaluated and exported aga
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import threading
@@ -28,6 +29,8 @@ from pipeline.data.preprocess import ensure_preprocessed
 from pipeline.preflight import worker_request
 from pipeline.train.history import columns as history_columns
 from pipeline.train.loop import train_loop_per_worker
+
+log = logging.getLogger(__name__)
 
 
 def run_name(config: Config) -> str:
@@ -70,17 +73,17 @@ def _train(config: Config, manifest, callbacks, start_from) -> dict:
         history_path = storage.join(run_dir, "history.json")
         done = len(storage.read_json(history_path)) if storage.exists(history_path) else 0
         check_resumable(run_dir, name, training_identity(config, manifest))
-        print(f"resuming run '{name}' from its latest checkpoint ({done} of {config.train.epochs} epochs "
-              f"recorded); use another run.name to start afresh")
+        log.info(f"resuming run '{name}' from its latest checkpoint ({done} of {config.train.epochs} epochs "
+                 f"recorded); use another run.name to start afresh")
     # The run is not complete until these are rewritten (evaluation.json by the workers, last).
     storage.delete(storage.join(run_dir, "summary.json"))
     storage.delete(storage.join(run_dir, "evaluation.json"))
     storage.delete(storage.join(run_dir, "workers"))  # rewritten by this attempt's workers
     storage.write_text(storage.join(run_dir, "config.yaml"), to_yaml(config))
     per_worker_batch, global_batch = batch_sizes(config)
-    print(f"training run '{name}' in {run_dir}: {config.model.name}, {config.train.epochs} epochs, "
-          f"{config.scaling.num_workers} worker(s) x {per_worker_batch} = global batch {global_batch}, "
-          f"lr {scaled_learning_rate(config):g} ({config.train.lr_schedule}), precision {config.train.precision}")
+    log.info(f"training run '{name}' in {run_dir}: {config.model.name}, {config.train.epochs} epochs, "
+             f"{config.scaling.num_workers} worker(s) x {per_worker_batch} = global batch {global_batch}, "
+             f"lr {scaled_learning_rate(config):g} ({config.train.lr_schedule}), precision {config.train.precision}")
 
     # A new file order every epoch, streamed (see Manifest.read_split), plus each worker's buffer.
     datasets = {"train": manifest.read_split("train", shuffle_files=True, seed=config.train.seed)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 import re
 
@@ -17,6 +18,8 @@ import yaml
 import pipeline
 from pipeline import reports, storage
 from pipeline.config import TUNE_METRICS, Config
+
+log = logging.getLogger(__name__)
 
 COMPLETED, EARLY_STOPPED, FAILED = "completed", "early-stopped", "failed"
 
@@ -82,7 +85,7 @@ def write_results(config: Config, dimensions, search_dir: str, result_grid, wall
             "status": best["status"], "run_dir": best["run_dir"], "checkpoint": best["checkpoint"],
             "export": best["export"], "evaluation": best["evaluation"]},
     }
-    print(format_table(rows, columns))
+    log.info("trials:\n" + format_table(rows, columns))
     storage.write_json(storage.join(search_dir, "summary.json"), summary)
     return summary
 

@@ -16,6 +16,7 @@ then ``results.csv``/``results.json``, ``best.yaml``, ``plots/`` and ``summary.j
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -32,6 +33,8 @@ from pipeline.config import (TUNE_METRICS, Config, ConfigError, from_dict, saved
                              with_absolute_paths)
 from pipeline.tune import results
 from pipeline.tune.space import Dimension, param_space, parse_space, pbt_mutations, trial_config
+
+log = logging.getLogger(__name__)
 
 # A trial's own process only waits on its Ray Train run (whose workers hold the CPUs/GPUs), so
 # it asks for memory, not a CPU: trials then queue on their workers' resources, and a head node
@@ -116,15 +119,15 @@ def run_search(config: Config) -> dict:
         TRIAL_DRIVER_RESOURCES)
     started = time.perf_counter()
     if resuming:
-        print(f"resuming search '{name}' from {tune_dir}: finished trials are kept, unfinished ones continue "
-              f"from their last checkpoint; use another tune.name to start afresh")
+        log.info(f"resuming search '{name}' from {tune_dir}: finished trials are kept, unfinished ones continue "
+                 f"from their last checkpoint; use another tune.name to start afresh")
         tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=False)
     else:
         concurrency = trial_concurrency(config)
-        print(f"search '{name}' in {search_dir}: {config.tune.num_samples} sample(s) of "
-              f"{', '.join(f'{d.key} {d.describe()}' for d in dimensions)}; scheduler {config.tune.scheduler}, "
-              f"search {config.tune.search_alg}, up to {concurrency} trial(s) at once, "
-              f"{config.scaling.num_workers} worker(s) each, metric {config.tune.metric}")
+        log.info(f"search '{name}' in {search_dir}: {config.tune.num_samples} sample(s) of "
+                 f"{', '.join(f'{d.key} {d.describe()}' for d in dimensions)}; scheduler {config.tune.scheduler}, "
+                 f"search {config.tune.search_alg}, up to {concurrency} trial(s) at once, "
+                 f"{config.scaling.num_workers} worker(s) each, metric {config.tune.metric}")
         tuner = tune.Tuner(
             trainable, param_space=param_space(dimensions),
             tune_config=tune.TuneConfig(
@@ -220,7 +223,7 @@ def _check_same_search(search_dir: str, config: Config, resuming: bool) -> None:
         raise ConfigError(f"search '{search_name(config)}' in {search_dir} was started with other settings "
                           f"(changed: {', '.join(changed)}); use another tune.name to start a new search")
     if not resuming:
-        print(f"search '{search_name(config)}': {search_dir} has no Tune state yet; starting it")
+        log.info(f"search '{search_name(config)}': {search_dir} has no Tune state yet; starting it")
 
 
 def _flat(values: dict) -> dict:
@@ -322,8 +325,8 @@ def _settled_copy(checkpoint, target: str, attempts: int = 10, wait_seconds: flo
                         shutil.copytree(local, staging, dirs_exist_ok=True)
                         if all(os.path.exists(os.path.join(staging, part)) for part in CHECKPOINT_PARTS):
                             if source.path != checkpoint.path:
-                                print(f"{checkpoint.path} was deleted before this trial could copy it (the source "
-                                      f"trial trained on meanwhile); continuing from its newest, {source.path}")
+                                log.warning(f"{checkpoint.path} was deleted before this trial could copy it (the source "
+                                            f"trial trained on meanwhile); continuing from its newest, {source.path}")
                             storage.delete(target)
                             storage.upload_dir(staging, target)
                             return tune.Checkpoint(target)

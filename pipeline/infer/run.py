@@ -1,0 +1,185 @@
+"""``run_inference``: the driver of batch inference. It checks the model, the inputs and the
+output before Ray starts, builds the streaming Ray Data pipeline (paths -> decode tasks -> model
+actor pool -> Parquet parts), then finishes the outputs and writes the summary last."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import time
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+
+import pipeline
+from pipeline import storage
+from pipeline.config import Config
+from pipeline.infer.inputs import labels_from_folders, resolve_inputs
+from pipeline.infer.outputs import (accuracy_report, check_complete, finish_predictions, output_layout,
+                                    read_staged_errors, write_table)
+from pipeline.infer.predictor import Predictor, decode_batch, prediction_schema, read_model_metadata
+
+# The driver puts the path list into the object store as at most this many blocks: enough for
+# every decode task to get its own block, few enough that millions of paths stay cheap to track.
+MAX_PATH_BLOCKS = 10_000
+
+# Working memory reserved per decode task: a batch of files is decoded one at a time, and the
+# largest photos decode to ~100 MB of pixels (6000 x 4000 RGBA) before the resize.
+DECODE_TASK_MEMORY_BYTES = 256 * 1024**2
+
+log = logging.getLogger(__name__)
+
+
+def _path_blocks(paths: list[str], labels: Optional[np.ndarray], batch_size: int) -> list[pa.Table]:
+    rows_per_block = max(batch_size, math.ceil(len(paths) / MAX_PATH_BLOCKS))
+    blocks = []
+    for start in range(0, len(paths), rows_per_block):
+        columns = {"path": pa.array(paths[start:start + rows_per_block], type=pa.string())}
+        if labels is not None:
+            columns["label"] = pa.array(labels[start:start + rows_per_block], type=pa.int32())
+        blocks.append(pa.table(columns))
+    return blocks
+
+
+def build_dataset(paths: list[str], labels: Optional[np.ndarray], model_dir: str, image_size: int,
+                  errors_dir: str, settings, facts_dir: Optional[str] = None):
+    """The lazy Ray Data pipeline: paths -> decode tasks -> model actor pool -> prediction rows.
+    Each model actor records where it ran and which devices it saw in ``facts_dir``."""
+    import ray
+
+    paths_dataset = ray.data.from_arrow(_path_blocks(paths, labels, settings.batch_size))
+    decoded = paths_dataset.map_batches(
+        decode_batch,
+        batch_size=settings.batch_size,
+        fn_kwargs={"image_size": image_size, "errors_dir": errors_dir},
+        num_cpus=1,
+        # Reserving memory (a scheduling hint) also keeps decoding in its own parallel tasks: Ray
+        # Data fuses a task map into the next actor map when their resource requests are equal,
+        # and would then decode inside the model actors, one batch at a time per actor (on GPU
+        # actors, with the GPU idle meanwhile). Differing resources is Ray's own advice for
+        # keeping stages apart (ray-project/ray#54433); tests/test_infer.py checks the plan.
+        memory=DECODE_TASK_MEMORY_BYTES,
+    )
+    return decoded.map_batches(
+        Predictor,
+        fn_constructor_kwargs={"model_path": model_dir, "top_k": settings.top_k, "gpus": settings.gpus_per_actor,
+                               "facts_dir": facts_dir},
+        batch_size=settings.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=settings.num_actors),
+        num_cpus=settings.cpus_per_actor,
+        num_gpus=settings.gpus_per_actor,
+    )
+
+
+def _warn_if_no_cpu_left_for_decoding(settings) -> None:
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0)
+    reserved = settings.num_actors * settings.cpus_per_actor
+    # A warning, not an error: an autoscaling cluster may be about to grow.
+    if cpus - reserved < 1:
+        log.warning(f"the model actors reserve {reserved:g} of the cluster's {cpus:g} CPUs "
+                    "(infer.num_actors x infer.cpus_per_actor), leaving less than one for the decode "
+                    "tasks: the job waits until more CPUs join; lower one of them (e.g. "
+                    "--set infer.cpus_per_actor=0.5)")
+
+
+def run_inference(config: Config, address: Optional[str] = None) -> dict:
+    """Classify every image named by ``config.infer.input`` and write the outputs; returns the
+    summary (also written as the summary JSON, last). Inputs, model and output are checked before
+    Ray starts; Ray is started (or joined at ``address``) with ``pipeline.runtime.connect`` if the
+    caller has not done so already."""
+    settings = config.infer
+    started = time.perf_counter()
+    if not settings.model:
+        raise ValueError("no model given: set --model (or infer.model) to an export, checkpoint or run folder")
+    if not settings.output:
+        raise ValueError("no output given: set --output (or infer.output) to predictions.csv, "
+                         "predictions.parquet or a directory (a single image without --output is "
+                         "classified and printed instead)")
+    layout = output_layout(settings.output)
+    model_dir, metadata = read_model_metadata(settings.model)
+    class_names = [str(name) for name in metadata["class_names"]]
+    image_size = int(metadata["image_size"])
+
+    stage_seconds = {}
+    log.info(f"listing {settings.input}")
+    clock = time.perf_counter()
+    paths, root = resolve_inputs(settings.input)
+    labels = labels_from_folders(paths, root, class_names)
+    labelled = labels is not None
+    stage_seconds["list_inputs"] = round(time.perf_counter() - clock, 3)
+    labelled_note = ("labelled by folder: accuracy will be reported" if labelled
+                     else "not labelled by class folders: no accuracy")
+    log.info(f"{len(paths):,} files ({labelled_note}); model {model_dir}: {len(class_names)} classes, "
+             f"{image_size}x{image_size} pixels")
+
+    from pipeline import preflight, runtime
+
+    clock = time.perf_counter()
+    runtime.connect(address)
+    preflight.check(config, "predict", preflight.cluster_facts())
+    stage_seconds["connect_ray"] = round(time.perf_counter() - clock, 3)
+    _warn_if_no_cpu_left_for_decoding(settings)
+    storage.delete(layout.summary)  # an older summary would vouch for the new, still partial output
+    storage.delete(layout.confusion_matrix)  # and an older plot would outlive an unlabelled run
+    staged_predictions = storage.join(layout.staging, "predictions")
+    staged_errors = storage.join(layout.staging, "errors")
+    storage.makedirs(staged_errors)
+    try:
+        log.info(f"decoding and classifying: batch {settings.batch_size}, {settings.num_actors} model "
+                 f"actor(s) x {settings.cpus_per_actor:g} CPU / {settings.gpus_per_actor:g} GPU")
+        clock = time.perf_counter()
+        files_seen = len(paths)
+        staged_actors = storage.join(layout.staging, "actors")
+        predictions = build_dataset(paths, labels, model_dir, image_size, staged_errors, settings, staged_actors)
+        del paths, labels  # the object store holds the path blocks now; the driver needs neither list
+        predictions.write_parquet(staged_predictions, min_rows_per_file=settings.rows_per_file)
+        stage_seconds["decode_and_classify"] = round(time.perf_counter() - clock, 3)
+
+        log.info(f"writing {layout.predictions}")
+        clock = time.perf_counter()
+        errors = read_staged_errors(staged_errors)
+        check_complete(files_seen, staged_predictions, errors)
+        write_table(errors, layout.errors, "csv")
+        failed = errors.num_rows
+        accuracy = accuracy_report(staged_predictions, class_names) if labelled else None
+        classified = finish_predictions(staged_predictions, layout, prediction_schema(labelled))
+        outputs = {"predictions": layout.predictions, "errors": layout.errors}
+        if accuracy is not None:
+            from pipeline import reports
+
+            reports.plot_confusion_matrix(np.asarray(accuracy["confusion_matrix"]), class_names,
+                                          layout.confusion_matrix)
+            outputs["confusion_matrix"] = layout.confusion_matrix
+        outputs["summary"] = layout.summary
+        actors = [storage.read_json(storage.join(staged_actors, name)) for name in storage.list_dir(staged_actors)
+                  if name.endswith(".json")]
+        stage_seconds["write_outputs"] = round(time.perf_counter() - clock, 3)
+    finally:
+        storage.delete(layout.staging)
+
+    elapsed = time.perf_counter() - started
+    summary = {
+        "model": model_dir,
+        "input": settings.input,
+        "output": storage.absolute(settings.output),
+        "files_seen": files_seen,
+        "classified": classified,
+        "failed": failed,
+        "labelled": accuracy is not None,
+        "accuracy": accuracy,
+        "images_per_second": round(files_seen / elapsed, 2) if elapsed > 0 else None,
+        "elapsed_seconds": round(elapsed, 3),
+        "stage_seconds": stage_seconds,
+        "settings": {key: getattr(settings, key) for key in
+                     ("batch_size", "num_actors", "cpus_per_actor", "gpus_per_actor", "top_k", "rows_per_file")},
+        "actors": actors,
+        "outputs": outputs,
+        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "provenance": pipeline.provenance(),
+    }
+    storage.write_json(layout.summary, summary)  # last: its presence marks the outputs complete
+    return summary
