@@ -65,7 +65,8 @@ class DataConfig:
         "'tail': the last val_fraction of the source order, like Keras validation_split",
         choices=["stratified", "tail"])
     split_seed: int = param(0, "seed of the train/val split", min=0)
-    rows_per_shard: int = param(10000, "target rows per Parquet shard file", min=1)
+    rows_per_shard: int = param(10000, "target rows per Parquet shard file (fewer for large images: a shard "
+                                "holds at most 256 MiB of pixels, which bounds a writer task's memory)", min=1)
     max_images_per_class: Optional[int] = param(
         None, "use only the first N training images of each class (quick trials, benchmarks; null = all)",
         min=1)

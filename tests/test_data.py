@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import pickle
 import socket
@@ -24,7 +25,7 @@ import pytest
 import ray
 from PIL import Image
 
-from pipeline import runtime, storage
+from pipeline import storage
 from pipeline.config import ConfigError, load_config, to_yaml
 from pipeline.data import SourceError
 from pipeline.data import cifar as cifar_format
@@ -574,3 +575,18 @@ def test_job_exits_2_with_a_message_on_bad_input(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and "rows_per_shard" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_writer_task_needs_about_one_shard_of_memory_whatever_the_image_size():
+    # 224-pixel images: 10,000 rows would be a 1.5 GB shard, and the writer held several copies.
+    # A fresh process, so that its peak RSS is the writer's own (benchmarks/writer_memory.py).
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "writer_memory.py")
+    for image_size in (32, 224):
+        result = subprocess.run([sys.executable, script, "--measure", str(image_size)], capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        measured = json.loads(result.stdout.strip().splitlines()[-1])
+        assert measured["shard_mib"] <= 256
+        # Beyond the batch itself: Parquet's buffers for a few row groups, not copies of the shard.
+        assert measured["writer_extra_peak_mib"] < 200, measured
+    assert measured["rows_per_shard"] == 256 * 2**20 // (224 * 224 * 3)

@@ -178,6 +178,18 @@ def test_list_inputs_walks_a_directory(mixed_folder):
     assert infer.list_inputs(str(mixed_folder)) == expected
 
 
+def test_class_folders_the_model_does_not_know_are_named():
+    from pipeline.infer.inputs import folders_not_in_classes
+
+    classes = ["cat", "dog"]
+    paths = ["/in/cat/1.png", "/in/dog/2.png", "/in/zebra/3.png", "/in/Dog/4.png"]
+    assert folders_not_in_classes(paths, "/in", classes) == ["Dog", "zebra"]
+    assert folders_not_in_classes(paths[:2], "/in", classes) == []  # all known: labelled
+    assert folders_not_in_classes(["/in/2024/1.png", "/in/2025/2.png"], "/in", classes) == []  # not class folders
+    assert folders_not_in_classes(["/in/cat/1.png", "/in/3.png"], "/in", classes) == []  # files at the root too
+    assert folders_not_in_classes(["/a/cat/1.png", "/b/horse/2.png"], None, classes) == ["horse"]  # a file list
+
+
 def test_list_inputs_skips_what_the_data_stage_skips(tmp_path):
     # The same rule as preprocessing (pipeline.data.images.is_hidden): a macOS zip's __MACOSX/
     # resource forks are not images to classify, nor are dot-files.

@@ -71,7 +71,7 @@ def test_every_stage_on_s3(source, s3_environment, s3_ray, tmp_path):
     first = storage.read_json(f"{trials}/{trial}/history.json")
     summary = run_training(load_config(smoke, common + [f"run.storage_path={trials}", f"run.name={trial}",
                                                         "train.epochs=2", "train.precision=fp32"]))
-    assert summary["run_dir"] == f"{trials}/{trial}" and summary["checkpoint"].startswith(f"pipeline-test/")
+    assert summary["run_dir"] == f"{trials}/{trial}" and summary["checkpoint"].startswith("pipeline-test/")
     history = storage.read_json(f"{trials}/{trial}/history.json")
     assert [row["epoch"] for row in history] == [1, 2] and history[:1] == first
     assert storage.exists(f"{trials}/{trial}/export/metadata.json")

@@ -3,7 +3,6 @@
 import numpy as np
 
 import pipeline  # noqa: F401
-import tensorflow as tf
 import tf_keras as keras
 
 from pipeline.train.loop import classification_sums

@@ -254,7 +254,7 @@ def images_from_column(column, image_size: int) -> np.ndarray:
     row_bytes = image_size * image_size * 3
     if hasattr(column, "buffers") or hasattr(column, "chunks"):  # pyarrow Array / ChunkedArray
         chunks = column.chunks if hasattr(column, "chunks") else [column]
-        arrays = [_arrow_pixels(chunk, row_bytes) for chunk in chunks]
+        arrays = [arrow_pixels(chunk, row_bytes) for chunk in chunks]
         if any(array is None for array in arrays):
             return images_from_column(column.to_pylist(), image_size)  # lengths differ: the check below
         pixels = arrays[0] if len(arrays) == 1 else np.concatenate(arrays) if arrays else np.empty(0, np.uint8)
@@ -268,7 +268,7 @@ def images_from_column(column, image_size: int) -> np.ndarray:
     return np.frombuffer(joined, dtype=np.uint8).reshape(len(values), image_size, image_size, 3)
 
 
-def _arrow_pixels(chunk, row_bytes: int) -> np.ndarray | None:
+def arrow_pixels(chunk, row_bytes: int) -> np.ndarray | None:
     """A (large_)binary Arrow array whose values are all ``row_bytes`` long, as a flat uint8 view of
     its value buffer; None when they are not (or nulls are present)."""
     if chunk.null_count:

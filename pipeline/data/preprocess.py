@@ -33,7 +33,7 @@ from pipeline import storage
 from pipeline.config import Config, DataConfig, fingerprint
 from pipeline.data.cifar import cifar_pixels
 from pipeline.data.images import UnreadableImage, decode_image
-from pipeline.data.manifest import (MANIFEST_NAME, SCHEMA_VERSION, Manifest, collect_garbage, lease,
+from pipeline.data.manifest import (MANIFEST_NAME, SCHEMA_VERSION, Manifest, arrow_pixels, collect_garbage, lease,
                                     shard_relative_path, write_manifest)
 from pipeline.data.sources import Item, Source, resolve_source
 
@@ -44,6 +44,11 @@ SPLITS = ("train", "val", "test")
 # Rows per Ray Data block for the decode step: small enough that many tasks share the cores (and
 # the progress bar moves), large enough that per-task overhead (~ms) stays below decode time.
 ROWS_PER_DECODE_BLOCK = 500
+
+# Pixels per shard at most (see shard_rows), and per Parquet row group: a writer task holds the
+# batch (one shard) plus a few row groups of Parquet buffers.
+MAX_SHARD_BYTES = 256 * 2**20
+ROW_GROUP_BYTES = 32 * 2**20
 
 # The data settings that change the shards' content or layout; fingerprinted to decide reuse.
 # cache_dir and output are where things live, not what they hold; download_url only matters
@@ -262,28 +267,36 @@ def shard_name(index: np.ndarray, rows_per_shard: int, split_rows: int) -> str:
 
 
 def write_shards(batch: pa.Table, output: str, build: str, split: str, rows_per_shard: int,
-                 split_rows: int, num_classes: int) -> dict[str, np.ndarray]:
-    """One batch -> one Parquet file of its good rows, and a one-row summary for the manifest."""
-    errors = batch.column("error").to_pylist()
-    ids = batch.column("id").to_pylist()
-    good = np.array([not error for error in errors], dtype=bool)
-    rejected = [{"id": ids[i], "split": split, "reason": errors[i]} for i in np.flatnonzero(~good)]
+                 split_rows: int, num_classes: int, image_size: int) -> dict[str, np.ndarray]:
+    """One batch -> one Parquet file of its good rows, and a one-row summary for the manifest.
+
+    Memory beyond the batch itself stays within a few row groups (Parquet's page and compression
+    buffers): the good rows are the batch itself when none failed (no filtered copy), and the
+    pixel statistics are read from views of the Arrow buffers, a few MiB at a time."""
+    errors = batch.column("error").to_numpy(zero_copy_only=False)
+    good = errors == ""
+    ids = batch.column("id")
+    rejected = [{"id": ids[int(i)].as_py(), "split": split, "reason": str(errors[i])} for i in np.flatnonzero(~good)]
     labels = batch.column("label").to_numpy()[good]
 
     pixel_sum, pixel_sum_sq, relative_path = [0.0] * 3, [0.0] * 3, ""
     if good.any():
-        table = batch.filter(pa.array(good)).select(["id", "label", "image"])
-        pixels = np.frombuffer(b"".join(table.column("image").to_pylist()), dtype=np.uint8).reshape(-1, 3)
+        table = batch if good.all() else batch.filter(pa.array(good))
+        table = table.select(["id", "label", "image"])
+        counts = _channel_histograms(table.column("image"), image_size * image_size * 3)
         levels = np.arange(256, dtype=np.float64)
         for channel in range(3):
-            # A 256-bin histogram gives exact sums without a float copy of every pixel.
-            counts = np.bincount(pixels[:, channel], minlength=256).astype(np.float64)
-            pixel_sum[channel] = float(counts @ levels)
-            pixel_sum_sq[channel] = float(counts @ levels**2)
+            # 256-bin histograms give exact sums without a float copy of every pixel.
+            pixel_sum[channel] = float(counts[channel] @ levels)
+            pixel_sum_sq[channel] = float(counts[channel] @ levels**2)
         relative_path = shard_relative_path(build, split, shard_name(batch.column("index").to_numpy(),
                                                                      rows_per_shard, split_rows))
         with storage.open_output(storage.join(output, *relative_path.split("/"))) as stream:
-            pq.write_table(table, stream)
+            # Row groups of at most ROW_GROUP_BYTES: Parquet buffers (and compresses) a whole row
+            # group before writing it, a second copy of the shard if it were one group. No
+            # dictionary for the pixels: every image is unique, the attempt only costs memory.
+            pq.write_table(table, stream, row_group_size=max(1, ROW_GROUP_BYTES // (image_size * image_size * 3)),
+                           use_dictionary=["id", "label"])
     return {
         "path": np.array([relative_path]),
         "rows": np.array([int(good.sum())], dtype=np.int64),
@@ -292,6 +305,30 @@ def write_shards(batch: pa.Table, output: str, build: str, split: str, rows_per_
         "class_counts": np.array([json.dumps(np.bincount(labels, minlength=num_classes).tolist())]),
         "rejected": np.array([json.dumps(rejected)]),
     }
+
+
+def _channel_histograms(column: pa.ChunkedArray, row_bytes: int, chunk_bytes: int = 4 * 2**20) -> np.ndarray:
+    """(3, 256) counts of each channel's values over the image column, read from zero-copy views
+    of its Arrow value buffers ``chunk_bytes`` at a time (np.bincount copies what it is given)."""
+    counts = np.zeros((3, 256), dtype=np.int64)
+    step = max(3, chunk_bytes // 3 * 3)
+    for chunk in column.chunks:
+        pixels = arrow_pixels(chunk, row_bytes)
+        if pixels is None:  # not all rows row_bytes long: only a broken decoder could do that
+            raise ValueError(f"image rows are not all {row_bytes} bytes (image_size x image_size x 3)")
+        for start in range(0, len(pixels), step):
+            rgb = pixels[start:start + step].reshape(-1, 3)
+            for channel in range(3):
+                counts[channel] += np.bincount(rgb[:, channel], minlength=256)
+    return counts
+
+
+def shard_rows(data: DataConfig) -> int:
+    """Rows per shard: ``data.rows_per_shard``, fewer when that many images would exceed
+    ``MAX_SHARD_BYTES`` of pixels (224-pixel images: ~1,700 rows rather than 10,000, 1.5 GB), so
+    that a writer task's memory stays bounded whatever the image size."""
+    row_bytes = data.image_size**2 * 3
+    return max(1, min(data.rows_per_shard, MAX_SHARD_BYTES // row_bytes))
 
 
 def _item_blocks(items: list[Item], rows_per_shard: int) -> list[pa.Table]:
@@ -341,22 +378,20 @@ def _this_node_cpus() -> int:
 
 def _writer_memory(data: DataConfig) -> int:
     """Bytes reserved per writer task: a worker process with pyarrow loaded (~150 MiB), plus the
-    batch, its filtered copy and the Parquet buffers (~3x a shard). Reserving it also keeps Ray Data
+    batch (one shard) and Parquet's buffers (a few row groups, see write_shards). Reserving it also keeps Ray Data
     from fusing decode and write into one task per shard, which would cut the decode parallelism
     to the number of shards."""
-    shard_bytes = data.rows_per_shard * (data.image_size**2 * 3 + 64)
-    if shard_bytes > 2**30:
-        log.info(f"note: a shard holds {shard_bytes / 2**30:.1f} GiB of pixels (rows_per_shard {data.rows_per_shard} "
-            f"x {data.image_size}px); lower data.rows_per_shard if writer tasks run out of memory")
-    return int(min(3 * shard_bytes + 256 * 2**20, 4 * 2**30))
+    shard_bytes = shard_rows(data) * (data.image_size**2 * 3 + 64)
+    return int(shard_bytes + 4 * ROW_GROUP_BYTES + 256 * 2**20)
 
 
 def _write_split(split: str, items: list[Item], source: Source, data: DataConfig, output: str,
                  build: str) -> list[dict]:
     import ray.data
 
+    rows_per_shard = shard_rows(data)
     log.info(f"writing split {split} ({len(items)} rows) to {storage.join(output, build, split)} ...")
-    blocks = _item_blocks(items, data.rows_per_shard)
+    blocks = _item_blocks(items, rows_per_shard)
     dataset = ray.data.from_arrow(blocks)
     # In order: shard n holds rows [n*R, (n+1)*R) of the split, so a rebuild writes the same files.
     dataset.context.execution_options.preserve_order = True
@@ -370,9 +405,9 @@ def _write_split(split: str, items: list[Item], source: Source, data: DataConfig
         decode_images, batch_size=None, batch_format="numpy", fn_kwargs={"image_size": data.image_size},
         compute=ray.data.TaskPoolStrategy(size=min(len(blocks), 2 * _this_node_cpus())), **on_this_node)
     dataset = dataset.map_batches(
-        write_shards, batch_size=data.rows_per_shard, batch_format="pyarrow",
-        fn_kwargs={"output": output, "build": build, "split": split, "rows_per_shard": data.rows_per_shard,
-                   "split_rows": len(items), "num_classes": len(source.class_names)},
+        write_shards, batch_size=rows_per_shard, batch_format="pyarrow",
+        fn_kwargs={"output": output, "build": build, "split": split, "rows_per_shard": rows_per_shard,
+                   "split_rows": len(items), "num_classes": len(source.class_names), "image_size": data.image_size},
         memory=_writer_memory(data),
         # A local output folder must be the driver's disk too, or shards would scatter over nodes.
         **({} if storage.is_uri(output) else on_this_node))

@@ -176,6 +176,16 @@ def labels_from_folders(paths: list[str], root: Optional[str], class_names: list
     return labels
 
 
+def folders_not_in_classes(paths: list[str], root: Optional[str], class_names: list[str]) -> list[str]:
+    """Class folders of a labelled-looking input that the model does not know (sorted): when every
+    file sits in a class-level folder and some of those folders are the model's classes, the
+    others are classes the model was not trained on (or misspelt ones). Empty otherwise."""
+    folders = {_label_folder(path, root) for path in paths}
+    if None in folders or not folders & set(class_names):
+        return []
+    return sorted(folders - set(class_names))
+
+
 def is_single_image(input: Optional[str]) -> bool:
     if not input:
         return False

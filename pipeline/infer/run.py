@@ -16,7 +16,7 @@ import pyarrow as pa
 import pipeline
 from pipeline import storage
 from pipeline.config import Config
-from pipeline.infer.inputs import labels_from_folders, resolve_inputs
+from pipeline.infer.inputs import folders_not_in_classes, labels_from_folders, resolve_inputs
 from pipeline.infer.outputs import (accuracy_report, check_complete, finish_predictions, output_layout,
                                     read_staged_errors, write_table)
 from pipeline.infer.predictor import Predictor, decode_batch, prediction_schema, read_model_metadata
@@ -115,6 +115,11 @@ def run_inference(config: Config, address: Optional[str] = None) -> dict:
                      else "not labelled by class folders: no accuracy")
     log.info(f"{len(paths):,} files ({labelled_note}); model {model_dir}: {len(class_names)} classes, "
              f"{image_size}x{image_size} pixels")
+    unknown = folders_not_in_classes(paths, root, class_names)
+    if unknown:
+        log.warning(f"the input's class folders {', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''} are "
+                    f"not classes of this model ({', '.join(class_names[:10])}{', ...' if len(class_names) > 10 else ''}"
+                    f"): every file is classified, but no accuracy can be reported")
 
     from pipeline import preflight, runtime
 
