@@ -108,3 +108,34 @@ def test_two_workers_on_two_one_cpu_nodes_train(two_nodes, source, tmp_path):
     assert len({worker["node_id"] for worker in summary["workers"]}) == 2  # one worker per node
     assert (run_dir / "export" / "metadata.json").exists()
     assert (tmp_path / "data" / "manifest.json").exists()  # the data stage ran first, inside the job
+
+
+def test_ray_job_stop_ends_a_training_job_saying_what_was_kept(two_nodes, source, tmp_path):
+    # `ray job stop` sends SIGTERM to the entrypoint and SIGKILLs it RAY_JOB_STOP_WAIT_TIME_S (3)
+    # seconds later: the stage must say what it kept within that time.
+    job_id = f"stop-{os.getpid()}"
+    result = submit(two_nodes["address"], two_nodes["env"], REPO,
+                    "python", "jobs/train.py", "--config", "configs/smoke.yaml",
+                    "--set", f"data.source={source}", "--set", f"data.output={tmp_path}/data",
+                    "--set", f"run.storage_path={tmp_path}/runs", "--set", f"run.shared_paths=[{tmp_path}]",
+                    "--set", "run.name=stopped", "--set", "train.epochs=50", "--set", "train.precision=fp32",
+                    "--set", "scaling.custom_resources={slot: 1}",
+                    options=("--no-wait", "--submission-id", job_id), timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "stopped"
+    deadline = time.time() + 400
+    while time.time() < deadline and not list(run_dir.glob("checkpoint_*/state.json")):
+        time.sleep(1)
+    assert list(run_dir.glob("checkpoint_*/state.json")), "no checkpoint was committed"
+
+    def job(*arguments):
+        return subprocess.run(["ray", "job", *arguments, "--address", two_nodes["address"], job_id],
+                              env=two_nodes["env"], capture_output=True, text=True, timeout=120)
+
+    stop = job("stop")
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    assert "was stopped" in job("status").stdout
+    logs = job("logs").stdout
+    assert "stopped by SIGTERM: run 'stopped' keeps its committed checkpoints; the same command resumes it" in logs, \
+        logs[-3000:]
+    assert not (run_dir / "summary.json").exists()  # not mistaken for a finished run
