@@ -1,8 +1,9 @@
 """Bad input, as a user would type it: every case stops with one clear line (no traceback), the
 exit status of its kind (2: the command or its input is wrong), before Ray starts, and loses
 nothing (an earlier predictions file stays as it was). Archive safety, downloads, checksums and
-damaged images have their own detailed tests in test_data.py and test_infer.py; the data-stage
-cases here call the check the stage runs first (``resolve_source``)."""
+damaged images have their own detailed tests in test_data_archives.py, test_data_cifar.py,
+test_data_sources.py and test_infer.py; the data-stage cases here call the check the stage runs
+first (``resolve_source``)."""
 
 import os
 import tarfile

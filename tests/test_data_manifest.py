@@ -1,0 +1,65 @@
+"""Reading preprocessed data: a new seeded file order every epoch, leases that keep a build's shards
+alive, and the image column's row check."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import ray
+
+from pipeline import storage
+from pipeline.data.manifest import collect_garbage, images_from_column, lease
+from pipeline.data.preprocess import run_preprocess
+
+from data_files import make_config, make_image_folder, shard_folders
+
+
+def test_train_files_are_read_in_a_new_seeded_order_every_epoch(tmp_path, local_ray):
+    # Training reads the shard files shuffled at read time, every epoch anew (no all-to-all
+    # randomize_block_order). Order-preserving execution makes the file order visible.
+    folder = make_image_folder(str(tmp_path / "images"), classes=("a", "b"), per_class=32)
+    manifest = run_preprocess(make_config(tmp_path, f"data.source={folder}", "data.rows_per_shard=4",
+                                          "data.val_fraction=0"))
+    assert len(manifest.shard_paths("train")) == 16
+    context = ray.data.DataContext.get_current()
+    preserve_order = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True
+    try:
+        def epochs(**read):
+            shard = manifest.read_split("train", **read).streaming_split(1, equal=True)[0]
+            return [tuple(row_id for block in shard.iter_batches(batch_size=None, batch_format="pyarrow")
+                          for row_id in block.column("id").to_pylist()) for _ in range(3)]
+
+        stored = epochs()
+        assert len(set(stored)) == 1  # unshuffled: the manifest's file order every epoch
+        shuffled = epochs(shuffle_files=True, seed=5)
+        assert all(sorted(order) == sorted(stored[0]) for order in shuffled)  # every row once per epoch
+        assert len(set(shuffled)) == 3 and stored[0] not in shuffled  # a new order every epoch
+        assert epochs(shuffle_files=True, seed=5) == shuffled  # train.seed: the same sequence
+        assert epochs(shuffle_files=True, seed=6) != shuffled
+    finally:
+        context.execution_options.preserve_order = preserve_order
+
+
+def test_only_unexpired_leases_keep_a_build(tmp_path):
+    output = str(tmp_path)
+    for build in ("shards-old", "shards-crashed-run", "shards-writing", "shards-current"):
+        storage.write_text(storage.join(output, build, "train", "part-00000.parquet"), "rows")
+    # A holder that crashed an hour ago stopped renewing; a build still being written renews.
+    storage.write_json(storage.join(output, "leases", "shards-crashed-run", "run-x.json"),
+                       {"holder": "run-x", "expires": time.time() - 1})
+    with lease(output, "shards-writing", "build"):
+        assert sorted(collect_garbage(output, keep="shards-current")) == ["shards-crashed-run", "shards-old"]
+        assert sorted(shard_folders(tmp_path)) == ["shards-current", "shards-writing"]
+        assert storage.list_dir(storage.join(output, "leases")) == ["shards-writing"]
+    assert storage.list_dir(storage.join(output, "leases", "shards-writing")) == []  # released
+
+
+def test_images_from_column_checks_row_length():
+    pixels = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    column = np.array([pixels[0].tobytes(), pixels[1].tobytes()], dtype=object)
+    np.testing.assert_array_equal(images_from_column(column, 4), pixels)
+    with pytest.raises(ValueError, match="48 bytes per row"):
+        images_from_column([b"\0" * 47], 4)

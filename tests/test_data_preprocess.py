@@ -1,0 +1,157 @@
+"""The preprocess stage: the failure budget, reuse and rebuilds, crashed builds, splits, shard names,
+bad input at the job's entry point, and a writer task's memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.config import ConfigError, load_config
+from pipeline.data.manifest import lease, ManifestError, open_manifest
+from pipeline.data.preprocess import PreprocessError, run_preprocess, shard_name, split_train_val
+from pipeline.data.sources import Item
+
+from data_files import make_config, make_image_folder, make_mixed_folder, read_all_shards, shard_folders
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_too_many_bad_files_fail_without_manifest(tmp_path, local_ray):
+    root, _ = make_mixed_folder(tmp_path / "images")
+    config = make_config(tmp_path, f"data.source={root}", "data.val_fraction=0", "data.max_failed_fraction=0.1")
+    with pytest.raises(PreprocessError, match=r"3 of 14 images.*max_failed_fraction") as error:
+        run_preprocess(config)
+    assert "truncated.png" in str(error.value) or "empty.jpg" in str(error.value)
+    output = tmp_path / "out"
+    assert not (output / "manifest.json").exists()
+    assert not os.path.isdir(output) or shard_folders(output) == []
+    with pytest.raises(ManifestError, match="run `pipeline preprocess` first"):
+        open_manifest(str(output))
+
+
+# ---------------------------------------------------------------- idempotency and rebuilds
+
+def test_rerun_reuses_and_config_change_or_force_rebuilds(tmp_path, local_ray, capsys):
+    root = make_image_folder(tmp_path / "images", per_class=10)
+    output = tmp_path / "out"
+    config = make_config(tmp_path, f"data.source={root}", "data.val_fraction=0", "data.rows_per_shard=8")
+    first = run_preprocess(config)
+    assert [shard["rows"] for shard in first.splits["train"]["shards"]] == [8, 8, 4]
+    first_ids = read_all_shards(first)["train"].keys()
+    folders = shard_folders(output)
+    manifest_text = (output / "manifest.json").read_text()
+
+    capsys.readouterr()
+    again = run_preprocess(config)
+    assert "reusing preprocessed data at" in capsys.readouterr().out
+    assert shard_folders(output) == folders and (output / "manifest.json").read_text() == manifest_text
+    assert again.raw == first.raw
+
+    changed = run_preprocess(make_config(tmp_path, f"data.source={root}", "data.val_fraction=0",
+                                         "data.rows_per_shard=16"))
+    assert [shard["rows"] for shard in changed.splits["train"]["shards"]] == [16, 4]
+    assert len(shard_folders(output)) == 1 and shard_folders(output) != folders
+
+    rebuilt_folders = shard_folders(output)
+    forced = run_preprocess(make_config(tmp_path, f"data.source={root}", "data.val_fraction=0",
+                                        "data.rows_per_shard=16"), force=True)
+    assert len(shard_folders(output)) == 1 and shard_folders(output) != rebuilt_folders
+    assert read_all_shards(forced)["train"].keys() == first_ids
+
+    # A changed source (a new file) is noticed by the fingerprint.
+    Image.new("RGB", (32, 32), "red").save(os.path.join(root, "cat", "new.png"))
+    grown = run_preprocess(make_config(tmp_path, f"data.source={root}", "data.val_fraction=0",
+                                       "data.rows_per_shard=16"))
+    assert grown.rows("train") == 21 and len(shard_folders(output)) == 1
+
+    # A run still reading a build holds a lease on it: a rebuild with other settings (the user's
+    # report: another val_fraction into the same data.output while training) replaces the
+    # manifest but keeps the leased shards, which the run reads to the end.
+    with lease(grown.root, grown.build, "run-still-training"):
+        split_again = run_preprocess(make_config(tmp_path, f"data.source={root}", "data.val_fraction=0.3",
+                                                 "data.rows_per_shard=16"))
+        assert open_manifest(str(output)).build == split_again.build != grown.build
+        assert sorted(shard_folders(output)) == sorted([grown.build, split_again.build])
+        assert read_all_shards(grown)["train"].keys()  # every file the old manifest lists is there
+    # Released: the next build collects it.
+    run_preprocess(make_config(tmp_path, f"data.source={root}", "data.val_fraction=0.3",
+                               "data.rows_per_shard=16"), force=True)
+    assert len(shard_folders(output)) == 1 and grown.build not in shard_folders(output)
+
+
+def test_crashed_build_leftovers_are_removed_on_commit(tmp_path, local_ray):
+    root = make_image_folder(tmp_path / "images", per_class=3)
+    crashed = tmp_path / "out" / "shards-19700101-000000-dead00" / "train"
+    crashed.mkdir(parents=True)
+    (crashed / "part-00000.parquet").write_bytes(b"half a file")
+    manifest = run_preprocess(make_config(tmp_path, f"data.source={root}", "data.val_fraction=0"))
+    assert shard_folders(tmp_path / "out") == [manifest.raw["build"]]
+
+
+# ---------------------------------------------------------------- splits (no Ray)
+
+def items_of(labels):
+    return [Item(f"{i:04d}", label, f"/x/{i:04d}.png") for i, label in enumerate(labels)]
+
+
+def test_stratified_split_is_exact_per_class_and_deterministic():
+    labels = [0] * 50 + [1] * 30 + [2] * 7
+    items = items_of(labels)
+    train, val = split_train_val(items, 0.1, "stratified", seed=3)
+    counts = np.bincount([item.label for item in val], minlength=3)
+    assert counts.tolist() == [round(50 * 0.1), round(30 * 0.1), round(7 * 0.1)]
+    assert len(train) + len(val) == len(items) and not {i.id for i in train} & {i.id for i in val}
+    assert [i.id for i in train] == sorted(i.id for i in train)  # source order kept
+    again_train, again_val = split_train_val(items, 0.1, "stratified", seed=3)
+    assert again_val == val and again_train == train
+    _, other_val = split_train_val(items, 0.1, "stratified", seed=4)
+    assert other_val != val
+
+
+def test_tail_split_takes_the_last_items():
+    items = items_of([0, 1] * 25)
+    train, val = split_train_val(items, 0.1, "tail", seed=0)
+    assert val == items[-5:] and train == items[:-5]
+    assert split_train_val(items, 0.0, "tail", seed=0) == (items, [])
+
+
+def test_shard_name_falls_back_when_a_batch_is_not_a_whole_shard():
+    assert shard_name(np.arange(16, 32), 16, 100) == "part-00001.parquet"
+    assert shard_name(np.arange(96, 100), 16, 100) == "part-00006.parquet"
+    assert shard_name(np.arange(10, 26), 16, 100) == "part-from-row-00000010.parquet"
+
+
+def test_unknown_config_key_is_rejected():
+    with pytest.raises(ConfigError, match="unknown config key 'data.sauce'"):
+        load_config(None, ["data.sauce=cifar10"])
+
+
+def test_job_exits_2_with_a_message_on_bad_input(tmp_path):
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "jobs", "preprocess.py"), "--set", "data.rows_per_shard=0"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and "rows_per_shard" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_writer_task_needs_about_one_shard_of_memory_whatever_the_image_size():
+    # 224-pixel images: 10,000 rows would be a 1.5 GB shard, and the writer held several copies.
+    # A fresh process, so that its peak RSS is the writer's own (benchmarks/writer_memory.py).
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "writer_memory.py")
+    for image_size in (32, 224):
+        result = subprocess.run([sys.executable, script, "--measure", str(image_size)], capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        measured = json.loads(result.stdout.strip().splitlines()[-1])
+        assert measured["shard_mib"] <= 256
+        # Beyond the batch itself: Parquet's buffers for a few row groups, not copies of the shard.
+        assert measured["writer_extra_peak_mib"] < 200, measured
+    assert measured["rows_per_shard"] == 256 * 2**20 // (224 * 224 * 3)
