@@ -128,3 +128,33 @@ def test_image_too_small_for_the_network_is_refused(stem, image_size):
     config = ModelConfig(name="resnet18", stem=stem, width=8, normalization="scale")
     with pytest.raises(ValueError, match="image_size=.* is too small"):
         build_model(config, num_classes=10, image_size=image_size)
+
+
+def test_a_checkpoint_whose_upload_stopped_part_way_is_told_from_a_whole_one(tmp_path):
+    # Ray Train copies a checkpoint's files in no set order: a failed upload can leave metadata.json
+    # and state.json beside a short data file. The sizes in state.json tell the two apart.
+    import pyarrow.fs as pafs
+
+    from pipeline.models.saving import checkpoint_problem, load_model, model_metadata, write_checkpoint
+
+    config = ModelConfig(name="resnet18", width=4)
+    model = build_model(config, num_classes=3, image_size=16, mean=[0.0] * 3, std=[1.0] * 3)
+    folder = tmp_path / "checkpoint_000001"
+    folder.mkdir()
+    metadata = model_metadata(kind="checkpoint", class_names=["a", "b", "c"], image_size=16,
+                              config={"model": vars(config)}, mean=[0.0] * 3, std=[1.0] * 3)
+    write_checkpoint(str(folder), model=model, optimizer=keras.optimizers.SGD(), state={"epoch": 1, "history": []},
+                     metadata=metadata)
+    assert checkpoint_problem(pafs.LocalFileSystem(), str(folder)) is None
+    images = np.random.default_rng(0).uniform(0, 255, (2, 16, 16, 3)).astype(np.float32)
+    loaded, _ = load_model(str(folder))
+    np.testing.assert_allclose(loaded.predict_on_batch(images), model.predict_on_batch(images), atol=1e-6)
+
+    data = next((folder / "tf_checkpoint").glob("ckpt.data-*"))
+    data.write_bytes(data.read_bytes()[:100])
+    problem = checkpoint_problem(pafs.LocalFileSystem(), str(folder))
+    assert problem and problem.startswith(f"tf_checkpoint/{data.name} has 100 of its")
+    with pytest.raises(ValueError, match=r"checkpoint .*checkpoint_000001 is incomplete \(tf_checkpoint/"):
+        load_model(str(folder))
+    (folder / "state.json").unlink()
+    assert checkpoint_problem(pafs.LocalFileSystem(), str(folder)) == "state.json is missing or unreadable"

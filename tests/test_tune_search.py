@@ -5,18 +5,25 @@ import os
 
 from ray import tune
 
-from pipeline.tune.search import CHECKPOINT_PARTS, _checkpoint_origin, _settled_copy
+from pipeline.tune.search import _checkpoint_origin, _settled_copy
+
+PARTS = ("state.json", "metadata.json", "tf_checkpoint")
+WEIGHTS = b"w" * 64
 
 
-def make_checkpoint(folder, epoch, parts=CHECKPOINT_PARTS):
+def make_checkpoint(folder, epoch, parts=PARTS, weights=WEIGHTS):
+    """A checkpoint folder as ``write_checkpoint`` leaves it, or the ``parts`` of it that a copy
+    under way (or failed) has written, with ``weights`` as the data file's bytes."""
     os.makedirs(folder)
     for part in parts:
         if part == "tf_checkpoint":
             os.makedirs(os.path.join(folder, part))
-            open(os.path.join(folder, part, "weights.index"), "w").close()
+            with open(os.path.join(folder, part, "ckpt.data-00000-of-00001"), "wb") as handle:
+                handle.write(weights)
         else:
             with open(os.path.join(folder, part), "w") as handle:
-                json.dump({"run": "b1-trial", "epoch": epoch}, handle)
+                json.dump({"run": "b1-trial", "epoch": epoch,
+                           "files": {"tf_checkpoint/ckpt.data-00000-of-00001": len(WEIGHTS)}}, handle)
 
 
 def test_a_handed_over_checkpoint_is_copied_whole(tmp_path):
@@ -24,7 +31,7 @@ def test_a_handed_over_checkpoint_is_copied_whole(tmp_path):
     make_checkpoint(str(source), epoch=2)
     copy = _settled_copy(tune.Checkpoint(str(source)), str(tmp_path / "run" / "start_checkpoint"),
                          attempts=1, wait_seconds=0)
-    assert sorted(os.listdir(copy.path)) == sorted(CHECKPOINT_PARTS)
+    assert sorted(os.listdir(copy.path)) == sorted(PARTS)
     assert _checkpoint_origin(copy) == {"trial": "b1", "run": "b1-trial", "epoch": 2}
 
 
@@ -35,6 +42,7 @@ def test_a_checkpoint_deleted_before_the_copy_continues_from_the_trials_newest(t
     trial = tmp_path / "tune" / "b1"
     make_checkpoint(str(trial / "checkpoint_000003"), epoch=4)
     make_checkpoint(str(trial / "checkpoint_000004"), epoch=5, parts=("metadata.json",))  # being persisted
+    make_checkpoint(str(trial / "checkpoint_000005"), epoch=6, weights=WEIGHTS[:10])  # an upload that failed
     handed = tune.Checkpoint(str(trial / "checkpoint_000001"))
     copy = _settled_copy(handed, str(tmp_path / "run" / "start_checkpoint"), attempts=1, wait_seconds=0)
     assert _checkpoint_origin(copy)["epoch"] == 4

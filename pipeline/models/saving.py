@@ -9,8 +9,12 @@ Two layouts, each with a ``metadata.json`` written last (its presence marks the 
 * checkpoint (``<run>/checkpoint_*/``, reported to Ray Train every N epochs), for resuming:
     ``tf_checkpoint/``   ``tf.train.Checkpoint`` of model and optimizer (step counter included,
                          so the learning-rate schedule resumes at the right position)
-    ``state.json``       epoch counter and the metric history so far
+    ``state.json``       epoch counter, the metric history so far, and ``files``: the size of
+                         every ``tf_checkpoint/`` file
     ``metadata.json``    ``kind: "checkpoint"``, same fields as an export
+  Ray Train copies a checkpoint's files into its folder in no set order, in parallel: an upload
+  that failed part-way leaves any subset behind, metadata.json included. ``checkpoint_problem``
+  tells a whole checkpoint from such a folder by the sizes ``state.json`` lists.
 
 Both take raw RGB pixels, float32 (batch, size, size, 3) in [0, 255], and return float32 class
 probabilities: normalisation is inside the model. ``load_model`` accepts an export folder, a
@@ -80,8 +84,36 @@ def write_checkpoint(directory: str, *, model, optimizer, state: dict, metadata:
     import tensorflow as tf
 
     tf.train.Checkpoint(model=model, optimizer=optimizer).write(os.path.join(directory, "tf_checkpoint", "ckpt"))
-    storage.write_json(os.path.join(directory, "state.json"), state)
+    files = {}
+    for folder, _, names in os.walk(os.path.join(directory, "tf_checkpoint")):
+        for name in names:
+            path = os.path.join(folder, name)
+            files[os.path.relpath(path, directory).replace(os.sep, "/")] = os.path.getsize(path)
+    storage.write_json(os.path.join(directory, "state.json"), {**state, "files": files})
     storage.write_json(os.path.join(directory, "metadata.json"), {**metadata, "kind": "checkpoint"})
+
+
+def checkpoint_problem(filesystem, path: str) -> str | None:
+    """None when the checkpoint folder ``path`` on the pyarrow ``filesystem`` is whole, else what
+    is missing or short (a copy that failed part-way, or one still being written)."""
+    import json
+
+    from pyarrow.fs import FileType
+
+    state_path = f"{path.rstrip('/')}/state.json"
+    try:
+        with filesystem.open_input_stream(state_path) as stream:
+            state = json.loads(stream.read())
+    except (OSError, ValueError):
+        return "state.json is missing or unreadable"
+    expected = {"metadata.json": None, **state.get("files", {"tf_checkpoint": None})}
+    infos = filesystem.get_file_info([f"{path.rstrip('/')}/{name}" for name in expected])
+    for (name, size), info in zip(expected.items(), infos):
+        if info.type == FileType.NotFound:
+            return f"{name} is missing"
+        if size is not None and info.size != size:
+            return f"{name} has {info.size} of its {size} bytes"
+    return None
 
 
 def restore_checkpoint(directory: str, *, model, optimizer=None) -> dict:
@@ -121,6 +153,11 @@ def load_model(path: str):
 
     folder = find_model_dir(path)
     metadata = storage.read_json(storage.join(folder, "metadata.json"))
+    if metadata["kind"] == "checkpoint":
+        problem = checkpoint_problem(*storage.filesystem(folder))
+        if problem:
+            raise ValueError(f"checkpoint {folder} is incomplete ({problem}): its upload failed part-way or is "
+                             f"still running; use another checkpoint of the run, or the run's export")
     with tempfile.TemporaryDirectory(prefix="model-") as local:
         local_folder = storage.download_dir(folder, local)
         if metadata["kind"] == "export":

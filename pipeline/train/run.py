@@ -26,6 +26,7 @@ from pipeline import PipelineError, reports, storage
 from pipeline.config import Config, batch_sizes, scaled_learning_rate, to_dict, to_yaml
 from pipeline.data.manifest import images_from_column, lease
 from pipeline.data.preprocess import ensure_preprocessed
+from pipeline.models.saving import checkpoint_problem
 from pipeline.preflight import worker_request
 from pipeline.train.history import columns as history_columns
 from pipeline.train.loop import train_loop_per_worker
@@ -103,6 +104,7 @@ def _train(config: Config, manifest, callbacks, start_from) -> dict:
 
     scaling = config.scaling
     resources = {"CPU": scaling.cpus_per_worker, **worker_request(scaling)}
+    storage_fs, storage_fs_path = storage.filesystem(storage_path)
     trainer = TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(config), "dataset": dataset_info, "run_dir": run_dir,
@@ -113,7 +115,9 @@ def _train(config: Config, manifest, callbacks, start_from) -> dict:
         # train and val are split across workers; "<split>_full" is read whole by rank 0 at the end.
         dataset_config=ray.train.DataConfig(datasets_to_split=[s for s in ("train", "val") if s in datasets]),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage_path,
+            # The filesystem this package reads and writes the run folder with, given to Ray Train
+            # too: its checkpoint uploads and our own files go through one client and one config.
+            name=name, storage_path=storage_fs_path, storage_filesystem=storage_fs,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=config.train.checkpoints_to_keep,
                 checkpoint_score_attribute="val_accuracy" if has_val else "accuracy",
@@ -146,9 +150,11 @@ IDENTITY_NAMES = {"data": "data (source or split: data.* settings, or the source
 def check_resumable(run_dir: str, name: str, identity: dict) -> None:
     """Refuse to resume a run whose checkpoints were made from other data or another model: the
     old weights would be trained on a moved split or under new normalisation, silently."""
+    fs, inner = storage.filesystem(run_dir)
     folders = sorted(folder for folder in storage.list_dir(run_dir) if folder.startswith("checkpoint_"))
-    metadata = next((storage.read_json(path) for path in (storage.join(run_dir, folder, "metadata.json")
-                                                          for folder in reversed(folders)) if storage.exists(path)), None)
+    # Whole checkpoints only: a failed upload may leave a metadata.json beside missing weights.
+    whole = (folder for folder in reversed(folders) if checkpoint_problem(fs, f"{inner.rstrip('/')}/{folder}") is None)
+    metadata = next((storage.read_json(storage.join(run_dir, folder, "metadata.json")) for folder in whole), None)
     stored = (metadata or {}).get("identity")
     if stored is None:
         return  # no committed checkpoint yet, or one written before identities were recorded

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
 import tempfile
 import threading
 import time
 
 import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before anything imports TensorFlow)
+from pyarrow.fs import LocalFileSystem
 from ray import tune
 from ray.train import UserCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining, TrialScheduler
@@ -31,6 +31,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTra
 from pipeline import PipelineError, runtime, storage
 from pipeline.config import (TUNE_METRICS, Config, ConfigError, from_dict, saved_dict, to_dict, to_yaml,
                              with_absolute_paths)
+from pipeline.models.saving import checkpoint_problem
 from pipeline.tune import results
 from pipeline.tune.space import Dimension, param_space, parse_space, pbt_mutations, trial_config
 
@@ -302,9 +303,6 @@ class ReportCheckpointsToTune(UserCallback):
         self.queue.put((metrics[0], checkpoint))
 
 
-CHECKPOINT_PARTS = ("state.json", "metadata.json", "tf_checkpoint")
-
-
 def _settled_copy(checkpoint, target: str, attempts: int = 10, wait_seconds: float = 3.0):
     """A complete copy of a checkpoint Tune handed over, in this run's folder. Tune may be
     re-writing the source folder at this moment (a trial restarted from its own checkpoint
@@ -323,7 +321,7 @@ def _settled_copy(checkpoint, target: str, attempts: int = 10, wait_seconds: flo
                     staging = tempfile.mkdtemp(prefix="start-checkpoint-")
                     try:
                         shutil.copytree(local, staging, dirs_exist_ok=True)
-                        if all(os.path.exists(os.path.join(staging, part)) for part in CHECKPOINT_PARTS):
+                        if checkpoint_problem(LocalFileSystem(), staging) is None:
                             if source.path != checkpoint.path:
                                 log.warning(f"{checkpoint.path} was deleted before this trial could copy it (the source "
                                             f"trial trained on meanwhile); continuing from its newest, {source.path}")
@@ -346,8 +344,7 @@ def _handed_over_or_newest(checkpoint):
     filesystem = checkpoint.filesystem
 
     def complete(path: str) -> bool:
-        infos = filesystem.get_file_info([f"{path}/{part}" for part in CHECKPOINT_PARTS])
-        return all(info.type != FileType.NotFound for info in infos)
+        return checkpoint_problem(filesystem, path) is None
 
     if filesystem.get_file_info(checkpoint.path).type != FileType.NotFound:
         return checkpoint if complete(checkpoint.path) else None
