@@ -73,3 +73,17 @@ def test_unsafe_zip_member_is_refused(tmp_path):
         package.writestr("../escape.png", b"x")
     with pytest.raises(UnsafeArchive, match=r"'\.\./escape\.png'"):
         resolve_source(make_config(tmp_path, f"data.source={archive}").data)
+
+
+@pytest.mark.parametrize("data_filter", [True, False], ids=["with tarfile's data filter", "Python without it"])
+def test_a_chain_of_links_that_leads_outside_is_refused(tmp_path, monkeypatch, data_filter):
+    # Each link alone stays inside ("data/up" -> the archive root, "data/up/out" -> "data/up/.."
+    # reads as "data"), but together they lead to the folder above the archive, and the last member
+    # would be written there. pyproject allows Pythons whose tarfile has no data filter.
+    if not data_filter:
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    archive = tar_with(tmp_path / "chain.tar.gz", file_member("data/cat/ok.png"), link_member("data/up", ".."),
+                       link_member("data/up/out", ".."), file_member("data/up/out/evil.txt"))
+    with pytest.raises(UnsafeArchive, match=r"'data/up/out'.* lies below the link 'data/up'"):
+        resolve_source(make_config(tmp_path, f"data.source={archive}").data)
+    assert not list(tmp_path.rglob("evil.txt"))

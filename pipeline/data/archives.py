@@ -148,8 +148,9 @@ def _extract_tar(archive: Path, target: Path, limits: ExtractLimits) -> None:
         with tarfile.open(archive, "r:*") as tar:
             members = tar.getmembers()
             limits.check(archive, [member.size for member in members if member.isfile()])
+            links = {member.name.rstrip("/") for member in members if member.issym() or member.islnk()}
             for member in members:
-                reason = _unsafe_tar_member_reason(member)
+                reason = _unsafe_tar_member_reason(member) or _through_a_link(member.name, links)
                 if reason:
                     raise UnsafeArchive(f"refusing to extract {archive}: member {member.name!r} {reason}")
             try:
@@ -164,6 +165,18 @@ def _extract_tar(archive: Path, target: Path, limits: ExtractLimits) -> None:
                 raise UnsafeArchive(f"refusing to extract {archive}: member {name!r}: {error}") from None
     except (tarfile.TarError, EOFError, OSError) as error:
         raise SourceError(f"cannot read archive {archive}: {error}") from None
+
+
+def _through_a_link(name: str, links: set[str]) -> Optional[str]:
+    """A member whose path passes through a link of the same archive is refused: a chain of links
+    that each stay inside (``a -> ..``, then ``a/b -> ..``) can still lead a later member outside,
+    and Python without tarfile's data filter would write it there before any check could see it."""
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    for depth in range(1, len(parts)):
+        parent = "/".join(parts[:depth])
+        if parent in links:
+            return f"lies below the link {parent!r} (a path through a link may lead outside the archive)"
+    return None
 
 
 def _unsafe_tar_member_reason(member: tarfile.TarInfo) -> Optional[str]:
