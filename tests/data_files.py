@@ -61,7 +61,9 @@ def save_image(path, image: Image.Image, format=None, **options):
     image.save(path, format=format, **options)
 
 
-def make_image_folder(root, classes=("cat", "dog"), per_class=6, size=32, seed=0) -> str:
+def make_noise_folder(root, classes=("cat", "dog"), per_class=6, size=32, seed=0) -> str:
+    """``root/<class>/NNN.png`` of random pixels (flat classes, nothing to learn): for the data stage
+    alone. Learnable folders with a test split: ``synthetic_data.make_image_folder``."""
     rng = np.random.default_rng(seed)
     for name in classes:
         for index in range(per_class):

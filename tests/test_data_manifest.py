@@ -13,13 +13,13 @@ from pipeline import storage
 from pipeline.data.manifest import collect_garbage, images_from_column, lease
 from pipeline.data.preprocess import run_preprocess
 
-from data_files import make_config, make_image_folder, shard_folders
+from data_files import make_config, make_noise_folder, shard_folders
 
 
 def test_train_files_are_read_in_a_new_seeded_order_every_epoch(tmp_path, local_ray):
     # Training reads the shard files shuffled at read time, every epoch anew (no all-to-all
     # randomize_block_order). Order-preserving execution makes the file order visible.
-    folder = make_image_folder(str(tmp_path / "images"), classes=("a", "b"), per_class=32)
+    folder = make_noise_folder(str(tmp_path / "images"), classes=("a", "b"), per_class=32)
     manifest = run_preprocess(make_config(tmp_path, f"data.source={folder}", "data.rows_per_shard=4",
                                           "data.val_fraction=0"))
     assert len(manifest.shard_paths("train")) == 16

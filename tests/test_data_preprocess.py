@@ -17,7 +17,7 @@ from pipeline.data.manifest import lease, ManifestError, open_manifest
 from pipeline.data.preprocess import PreprocessError, run_preprocess, shard_name, split_train_val
 from pipeline.data.sources import Item
 
-from data_files import make_config, make_image_folder, make_mixed_folder, read_all_shards, shard_folders
+from data_files import make_config, make_noise_folder, make_mixed_folder, read_all_shards, shard_folders
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +39,7 @@ def test_too_many_bad_files_fail_without_manifest(tmp_path, local_ray):
 # ---------------------------------------------------------------- idempotency and rebuilds
 
 def test_rerun_reuses_and_config_change_or_force_rebuilds(tmp_path, local_ray, capsys):
-    root = make_image_folder(tmp_path / "images", per_class=10)
+    root = make_noise_folder(tmp_path / "images", per_class=10)
     output = tmp_path / "out"
     config = make_config(tmp_path, f"data.source={root}", "data.val_fraction=0", "data.rows_per_shard=8")
     first = run_preprocess(config)
@@ -87,7 +87,7 @@ def test_rerun_reuses_and_config_change_or_force_rebuilds(tmp_path, local_ray, c
 
 
 def test_crashed_build_leftovers_are_removed_on_commit(tmp_path, local_ray):
-    root = make_image_folder(tmp_path / "images", per_class=3)
+    root = make_noise_folder(tmp_path / "images", per_class=3)
     crashed = tmp_path / "out" / "shards-19700101-000000-dead00" / "train"
     crashed.mkdir(parents=True)
     (crashed / "part-00000.parquet").write_bytes(b"half a file")

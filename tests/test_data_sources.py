@@ -13,7 +13,7 @@ from pipeline.data import SourceError
 from pipeline.data.preprocess import run_preprocess
 from pipeline.data.sources import resolve_source
 
-from data_files import make_config, make_image_folder, make_mixed_folder, read_all_shards
+from data_files import make_config, make_noise_folder, make_mixed_folder, read_all_shards
 
 
 def test_image_folder_mixed_formats_and_bad_files(tmp_path, local_ray):
@@ -35,8 +35,8 @@ def test_image_folder_mixed_formats_and_bad_files(tmp_path, local_ray):
 
 def test_image_folder_train_test_layout_and_single_top_folder_archive(tmp_path, local_ray):
     packed = tmp_path / "packed" / "dataset"
-    make_image_folder(str(packed / "train"), classes=("a", "b", "c"), per_class=5)
-    make_image_folder(str(packed / "test"), classes=("a", "c"), per_class=2, seed=1)
+    make_noise_folder(str(packed / "train"), classes=("a", "b", "c"), per_class=5)
+    make_noise_folder(str(packed / "test"), classes=("a", "c"), per_class=2, seed=1)
     archive = tmp_path / "dataset.zip"
     with zipfile.ZipFile(archive, "w") as package:
         for folder, _, files in os.walk(packed):
@@ -53,7 +53,7 @@ def test_image_folder_train_test_layout_and_single_top_folder_archive(tmp_path, 
 
 
 def test_layout_errors_are_clear(tmp_path):
-    empty = make_image_folder(tmp_path / "empty", per_class=2)
+    empty = make_noise_folder(tmp_path / "empty", per_class=2)
     os.makedirs(os.path.join(empty, "zebra", "sub"))
     with open(os.path.join(empty, "zebra", "sub", "notes.txt"), "w") as handle:
         handle.write("not an image")
@@ -64,8 +64,8 @@ def test_layout_errors_are_clear(tmp_path):
         resolve_source(make_config(tmp_path, f"data.source={tmp_path}/missing").data)
 
     split = tmp_path / "split"
-    make_image_folder(str(split / "train"), classes=("a", "b"), per_class=2)
-    make_image_folder(str(split / "test"), classes=("a", "z"), per_class=1)
+    make_noise_folder(str(split / "train"), classes=("a", "b"), per_class=2)
+    make_noise_folder(str(split / "test"), classes=("a", "z"), per_class=1)
     with pytest.raises(SourceError, match="classes that train/ lacks: z"):
         resolve_source(make_config(tmp_path, f"data.source={split}").data)
 
