@@ -79,6 +79,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
     address = address or os.environ.get("RAY_ADDRESS")
     kwargs = {"runtime_env": runtime_env(), "log_to_driver": True}
     if address:
+        check_joinable(address)
         try:
             ray.init(address=address, **kwargs)
         except ConnectionError as error:
@@ -107,10 +108,37 @@ def _raise_stopped(signum, frame):
 INGEST_CPUS = 2
 
 
+def check_joinable(address: str) -> None:
+    """Ask the cluster's GCS once, before ``ray.init``, whether it takes us. A refused token is
+    answered at once, but ``ray.init`` retries it for ~30 s of repeated InvalidAuthToken warnings
+    before a bare ConnectionError; an unreachable address is tried once here, not twice."""
+    from ray._private.services import canonicalize_bootstrap_address
+    from ray._raylet import GcsClient
+
+    if address.startswith("ray://"):
+        return  # Ray Client: its server does the handshake, and ray.init reports it
+    try:
+        gcs_address = canonicalize_bootstrap_address(address)
+    except Exception:  # noqa: BLE001 - a malformed or unresolvable address: ray.init says so
+        return
+    if gcs_address:
+        try:
+            GcsClient(address=gcs_address)
+        except (ray.exceptions.AuthenticationError, ray.exceptions.RpcError) as error:
+            raise PipelineError(join_failure(address, error, os.environ)) from None
+
+
 def join_failure(address: str, error: Exception, environ) -> str:
     """One line for a cluster that refused us. Ray >= 2.59 clusters are usually token-protected,
     and Ray's client sends its token only if ``RAY_AUTH_MODE=token`` is set here too."""
-    message = f"could not join the Ray cluster at {address} ({error})"
+    if isinstance(error, ray.exceptions.AuthenticationError):
+        if environ.get("RAY_AUTH_MODE") != "token":
+            return (f"could not join the Ray cluster at {address}: it uses token authentication; set "
+                    "RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN, or the file ~/.ray/auth_token) "
+                    "in this shell")
+        return (f"could not join the Ray cluster at {address}: it refused this shell's token (RAY_AUTH_TOKEN, "
+                "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token); use the token the cluster was started with")
+    message = f"could not join the Ray cluster at {address} ({str(error).splitlines()[0] if str(error) else error})"
     if environ.get("RAY_AUTH_MODE") != "token":
         message += ("; if the cluster uses token authentication (Ray logs 'InvalidAuthToken' above), set "
                     "RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN, or the file ~/.ray/auth_token) "

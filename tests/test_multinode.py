@@ -77,13 +77,18 @@ def test_relative_output_in_a_submitted_job_is_refused_before_work(two_nodes, tm
 def test_joining_without_the_token_says_what_to_set(two_nodes, tmp_path):
     env = {key: value for key, value in two_nodes["env"].items() if key not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     env["HOME"] = str(tmp_path)  # and no ~/.ray/auth_token
-    result = subprocess.run(["python", os.path.join(REPO, "jobs/train.py"), "--config",
-                             os.path.join(REPO, "configs/smoke.yaml"), "--address", two_nodes["gcs"]],
-                            env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert result.returncode == 1
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: could not join the Ray cluster at {two_nodes['gcs']}")
-    assert "set RAY_AUTH_MODE=token and its token" in last and "Traceback" not in result.stderr
+    wrong = {**two_nodes["env"], "RAY_AUTH_TOKEN": "not-the-token"}
+    for environment, expected in ((env, "it uses token authentication; set RAY_AUTH_MODE=token and its token"),
+                                  (wrong, "it refused this shell's token")):
+        result = subprocess.run(["python", os.path.join(REPO, "jobs/train.py"), "--config",
+                                 os.path.join(REPO, "configs/smoke.yaml"), "--address", two_nodes["gcs"]],
+                                env=environment, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert result.returncode == 1
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: could not join the Ray cluster at {two_nodes['gcs']}: {expected}"), last
+        assert "Traceback" not in result.stderr
+        # Asked once before ray.init, whose retries printed ~20 InvalidAuthToken warnings over 25 s.
+        assert result.stderr.count("InvalidAuthToken") <= 1, result.stderr[-3000:]
 
 
 def test_two_workers_on_two_one_cpu_nodes_train(two_nodes, source, tmp_path):
