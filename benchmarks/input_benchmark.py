@@ -9,9 +9,10 @@ Train's DataConfig does for one worker, then ``inputs.shard_to_dataset`` + ``aug
 ``prefetch`` with the fast recipe's settings (batch 256, crop padding 4, flip, cutout 8, a
 10,000-row shuffle buffer), iterated to the end of each epoch. Each measurement runs in a process of
 its own pinned to 1 or 2 cores (``sched_setaffinity``; Ray's processes inherit it). Same-run
-baselines: the pipeline as it was before it read whole Arrow blocks (Ray's ``iter_batches`` with
-Ray's local shuffle buffer and a numpy object column; inlined below as ``ray_batches_dataset``), and
-the same tf.data augmentation over in-memory arrays (the ceiling of the TensorFlow side). With
+baselines: ``tf-augment``, the pipeline as it was before it augmented in numpy (the same Ray part,
+then crop, flip and cutout as a tf.data map of vectorised TensorFlow ops; inlined below as
+``tf_augment``), and ``in-memory``, the pipeline's augmentation over arrays already in memory
+(the ceiling without Ray; ``in-memory-tf``: the same with the TensorFlow augmentation). With
 ``--pipelines shard-batches``: the Ray and numpy part of the input alone (``inputs.shard_batches``:
 Ray's iterator, the pixel views, the shuffle buffer and the batches), without TensorFlow.
 Figures: epoch 1 (from creating the dataset to its last batch: Ray Data's start-up included) and
@@ -37,6 +38,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tests"))
 
 FAST = ["train.global_batch_size=256", "train.random_crop_padding=4", "train.horizontal_flip=true",
         "train.cutout=8", "train.shuffle_buffer_size=10000"]
@@ -64,23 +66,29 @@ def measure(args) -> dict:
     manifest = open_manifest(args.data)
     rows, size, batch = manifest.rows("train"), manifest.image_size, train.global_batch_size
     steps = rows // batch
-    if args.pipeline == "in-memory":
+    augmentation = inputs.Augmentation.from_config(train, manifest.mean)
+    if args.pipeline.startswith("in-memory"):
         table = manifest.head("train", rows)
         from pipeline.data.manifest import images_from_column
 
         images = images_from_column(table.column("image"), size)[:steps * batch].reshape(steps, batch, size, size, 3)
         labels = table.column("label").to_numpy()[:steps * batch].reshape(steps, batch).astype(np.int32)
+        in_numpy = args.pipeline == "in-memory"
 
         def make(epoch):
-            data = tf.data.Dataset.from_tensor_slices((images, labels)).map(
-                lambda x, y: (x, tf.one_hot(y, manifest.num_classes)))
-            return inputs.prefetch(inputs.augment(data, train, manifest.mean))
+            rng = np.random.default_rng(epoch)
+
+            def generate():
+                for step in range(steps):
+                    yield augmentation(images[step], labels[step], rng) if in_numpy else (images[step], labels[step])
+
+            data = tf.data.Dataset.from_generator(generate, output_signature=(
+                tf.TensorSpec((None, size, size, 3), tf.uint8), tf.TensorSpec((None,), tf.int32)))
+            data = data.map(lambda x, y: (x, tf.one_hot(y, manifest.num_classes)))
+            return inputs.prefetch(data if in_numpy else tf_augment(data, train, manifest.mean))
     else:
         runtime.connect(num_cpus=args.cpus + runtime.INGEST_CPUS)
-        if args.pipeline in ("pipeline", "shard-batches"):
-            dataset = manifest.read_split("train", shuffle_files=True, seed=train.seed)
-        else:
-            dataset = manifest.read_split("train").randomize_block_order()
+        dataset = manifest.read_split("train", shuffle_files=True, seed=train.seed)
         shard = dataset.streaming_split(1, equal=True)[0]
 
         def make(epoch):
@@ -88,10 +96,13 @@ def measure(args) -> dict:
             if args.pipeline == "shard-batches":  # the Ray and numpy part alone: no TensorFlow
                 return inputs.shard_batches(shard, image_size=size, batch_size=batch,
                                             shuffle_buffer_size=train.shuffle_buffer_size, shuffle_seed=seed)
-            build = inputs.shard_to_dataset if args.pipeline == "pipeline" else ray_batches_dataset
-            data = build(shard, image_size=size, num_classes=manifest.num_classes, batch_size=batch, steps=steps,
-                         shuffle_buffer_size=train.shuffle_buffer_size, shuffle_seed=seed)
-            return inputs.prefetch(inputs.augment(data, train, manifest.mean))
+            data = inputs.shard_to_dataset(
+                shard, image_size=size, num_classes=manifest.num_classes, batch_size=batch, steps=steps,
+                shuffle_buffer_size=train.shuffle_buffer_size, shuffle_seed=seed,
+                augmentation=augmentation if args.pipeline == "pipeline" else None)
+            if args.pipeline == "tf-augment":
+                data = tf_augment(data, train, manifest.mean)
+            return inputs.prefetch(data)
 
     epochs = []
     for epoch in range(args.epochs):
@@ -112,54 +123,36 @@ def measure(args) -> dict:
             "steady_images_per_second": steady[len(steady) // 2] if steady else None}
 
 
-def ray_batches_dataset(shard, *, image_size, num_classes, batch_size, steps, shuffle_buffer_size, shuffle_seed):
-    """The worker input before whole-block reading (for the same-run baseline): Ray's batches in
-    numpy format through Ray's local shuffle buffer, the pixel column as Python bytes objects."""
+def tf_augment(dataset, train, fill_value):
+    """The augmentation before it moved to numpy (for the same-run baseline): a tf.data map of
+    vectorised TensorFlow ops on whole uint8 batches."""
     import numpy as np
     import tensorflow as tf
-    from pipeline.data.manifest import images_from_column
 
-    def generate():
-        produced = 0
-        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
-                                        local_shuffle_buffer_size=shuffle_buffer_size or None,
-                                        local_shuffle_seed=shuffle_seed, prefetch_batches=2):
-            if produced < steps:
-                produced += 1
-                yield images_from_column(list(batch["image"]), image_size), batch["label"].astype(np.int32)
+    fill = tf.constant(np.round(fill_value).astype(np.uint8))
+    padding = train.random_crop_padding
 
-    dataset = tf.data.Dataset.from_generator(generate, output_signature=(
-        tf.TensorSpec((None, image_size, image_size, 3), tf.uint8), tf.TensorSpec((None,), tf.int32)))
-    return dataset.map(lambda images, labels: (images, tf.one_hot(labels, num_classes)))
+    def apply(images, labels):
+        count, height, width = tf.shape(images)[0], tf.shape(images)[1], tf.shape(images)[2]
+        padded = tf.pad(images, [[0, 0], [padding, padding], [padding, padding], [0, 0]])
+        top = tf.random.uniform([count, 1], 0, 2 * padding + 1, dtype=tf.int32)
+        left = tf.random.uniform([count, 1], 0, 2 * padding + 1, dtype=tf.int32)
+        images = tf.gather(tf.gather(padded, top + tf.range(height)[tf.newaxis, :], axis=1, batch_dims=1),
+                           left + tf.range(width)[tf.newaxis, :], axis=2, batch_dims=1)
+        flip = tf.random.uniform([count, 1, 1, 1]) < 0.5
+        images = tf.where(flip, tf.reverse(images, axis=[2]), images)
+        centre_row = tf.random.uniform([count, 1, 1], 0, height, dtype=tf.int32)
+        centre_column = tf.random.uniform([count, 1, 1], 0, width, dtype=tf.int32)
+        rows = tf.range(height)[tf.newaxis, :, tf.newaxis]
+        columns = tf.range(width)[tf.newaxis, tf.newaxis, :]
+        inside = ((tf.abs(rows - centre_row) * 2 < train.cutout)
+                  & (tf.abs(columns - centre_column) * 2 < train.cutout))[..., tf.newaxis]
+        return tf.where(inside, tf.broadcast_to(fill, tf.shape(images)), images), labels
+
+    return dataset.map(apply, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 # ----------------------------------------------------------------------------- scale
-
-def write_synthetic_build(root: str, rows: int, rows_per_file: int = 10000, size: int = 32) -> str:
-    """A manifest and Parquet shards of ``rows`` random images, in the preprocess build's format."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    build = "shards-synthetic"
-    shards, rng = [], np.random.default_rng(0)
-    os.makedirs(os.path.join(root, build, "train"), exist_ok=True)
-    for index, start in enumerate(range(0, rows, rows_per_file)):
-        count = min(rows_per_file, rows - start)
-        pixels = rng.integers(0, 256, (count, size * size * 3), dtype=np.uint8)
-        table = pa.table({"id": [f"synthetic/{start + i}" for i in range(count)],
-                          "label": rng.integers(0, 10, count),
-                          "image": pa.array([row.tobytes() for row in pixels], pa.binary())})
-        path = f"{build}/train/part-{index:05d}.parquet"
-        pq.write_table(table, os.path.join(root, path))
-        shards.append({"path": path, "rows": count})
-    manifest = {"schema_version": 1, "class_names": [f"c{i}" for i in range(10)], "image_size": size,
-                "normalization": {"mean": [127.5] * 3, "std": [73.9] * 3}, "build": build,
-                "splits": {"train": {"rows": rows, "shards": shards}}}
-    with open(os.path.join(root, "manifest.json"), "w") as handle:
-        json.dump(manifest, handle)
-    return root
-
 
 def measure_scale(args) -> dict:
     """Runs in its own process: two epochs of a synthetic build, start-up and object-store peak."""
@@ -223,7 +216,7 @@ def main() -> None:
     parser.add_argument("--data", default=os.path.join(REPO, "artifacts/benchmarks/input-data"))
     parser.add_argument("--cpus", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--pipelines", nargs="+", default=["pipeline", "ray-batches", "in-memory"])
+    parser.add_argument("--pipelines", nargs="+", default=["pipeline", "tf-augment", "in-memory", "in-memory-tf"])
     parser.add_argument("--scale", type=int, nargs="+", help="synthetic row counts (scale)")
     parser.add_argument("--json", default=os.path.join(REPO, "artifacts/benchmarks/input.json"))
     parser.add_argument("--child", choices=["speed", "scale"], help=argparse.SUPPRESS)
@@ -241,6 +234,8 @@ def main() -> None:
     results = []
     if args.scale:
         for rows in args.scale:
+            from data_files import write_synthetic_build
+
             data = write_synthetic_build(tempfile.mkdtemp(prefix=f"input-scale-{rows}-"), rows)
             for name in ("pipeline", "randomize-block-order"):
                 result = child("scale", name, data, 1, 2)

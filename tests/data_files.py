@@ -5,11 +5,13 @@ for what preprocess wrote."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import tarfile
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -128,3 +130,25 @@ def make_mixed_folder(root) -> tuple[str, dict]:
     open(os.path.join(root, ".DS_Store"), "wb").close()
     open(os.path.join(dog, "._g.png"), "wb").close()
     return str(root), lossless
+
+
+def write_synthetic_build(root: str, rows: int, rows_per_file: int = 10000, size: int = 32) -> str:
+    """A manifest and Parquet shards of ``rows`` random images, in the preprocess build's format."""
+    build = "shards-synthetic"
+    shards, rng = [], np.random.default_rng(0)
+    os.makedirs(os.path.join(root, build, "train"), exist_ok=True)
+    for index, start in enumerate(range(0, rows, rows_per_file)):
+        count = min(rows_per_file, rows - start)
+        pixels = rng.integers(0, 256, (count, size * size * 3), dtype=np.uint8)
+        table = pa.table({"id": [f"synthetic/{start + i}" for i in range(count)],
+                          "label": rng.integers(0, 10, count),
+                          "image": pa.array([row.tobytes() for row in pixels], pa.binary())})
+        path = f"{build}/train/part-{index:05d}.parquet"
+        pq.write_table(table, os.path.join(root, path))
+        shards.append({"path": path, "rows": count})
+    manifest = {"schema_version": 1, "class_names": [f"c{i}" for i in range(10)], "image_size": size,
+                "normalization": {"mean": [127.5] * 3, "std": [73.9] * 3}, "build": build,
+                "splits": {"train": {"rows": rows, "shards": shards}}}
+    with open(os.path.join(root, "manifest.json"), "w") as handle:
+        json.dump(manifest, handle)
+    return root

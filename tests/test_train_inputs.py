@@ -3,45 +3,60 @@ import pyarrow as pa
 import pytest
 
 import pipeline  # noqa: F401
-import tensorflow as tf
 
 from pipeline.config import TrainConfig
 from pipeline.train import inputs
 
 
+def augmentation(**train) -> inputs.Augmentation:
+    return inputs.Augmentation(TrainConfig(**{"random_crop_padding": 0, "horizontal_flip": False, "cutout": 0,
+                                              **train}), [10.2, 19.8, 30])
+
+
 def test_random_crop_is_a_window_of_the_padded_image():
-    tf.random.set_seed(1)
-    images = np.random.default_rng(0).integers(1, 256, (16, 8, 8, 3), dtype=np.uint8)
-    cropped = inputs.random_crop(tf.constant(images), 2).numpy()
-    assert cropped.shape == images.shape
+    images = np.random.default_rng(0).integers(1, 256, (64, 8, 8, 3), dtype=np.uint8)
+    images.flags.writeable = False  # a view of a Ray block: never written to
+    cropped, _ = augmentation(random_crop_padding=2)(images, None, np.random.default_rng(1))
+    assert cropped.shape == images.shape and cropped.dtype == np.uint8
     padded = np.pad(images, [(0, 0), (2, 2), (2, 2), (0, 0)])
+    offsets = set()
     for original, out in zip(padded, cropped):
-        windows = [original[r:r + 8, c:c + 8] for r in range(5) for c in range(5)]
-        assert any(np.array_equal(out, window) for window in windows)
-    assert not all(np.array_equal(a, b) for a, b in zip(images, cropped))  # something moved
+        matches = [(r, c) for r in range(5) for c in range(5) if np.array_equal(out, original[r:r + 8, c:c + 8])]
+        assert matches
+        offsets.add(matches[0])
+    assert len(offsets) > 10  # a random offset per image, not one per batch
+
+
+def test_flip_mirrors_about_half_of_the_images_and_keeps_labels():
+    images = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(1, 4, 4, 3).repeat(64, axis=0)
+    labels = np.arange(64)
+    out, out_labels = augmentation(horizontal_flip=True)(images, labels, np.random.default_rng(3))
+    flipped = [np.array_equal(image, images[0, :, ::-1]) for image in out]
+    kept = [np.array_equal(image, images[0]) for image in out]
+    assert all(f or k for f, k in zip(flipped, kept)) and 10 < sum(flipped) < 54
+    np.testing.assert_array_equal(out_labels, labels)
 
 
 def test_cutout_fills_one_square_with_the_mean_colour():
-    tf.random.set_seed(2)
     images = np.full((32, 16, 16, 3), 200, np.uint8)
-    out = inputs.cutout(tf.constant(images), 4, tf.constant(np.array([10, 20, 30], np.uint8))).numpy()
+    images.flags.writeable = False
+    out, _ = augmentation(cutout=4)(images, None, np.random.default_rng(2))
+    assert (images == 200).all()  # the input is left alone
     changed = (out != images).any(axis=-1)
     assert changed.any(axis=(1, 2)).all()
     assert changed.sum(axis=(1, 2)).max() <= 16  # at most 4 x 4 per image
-    assert set(map(tuple, out[changed].reshape(-1, 3))) == {(10, 20, 30)}
+    assert len({tuple(np.argwhere(square).mean(axis=0)) for square in changed}) > 10  # placed per image
+    assert set(map(tuple, out[changed].reshape(-1, 3))) == {(10, 20, 30)}  # the rounded mean
 
 
-def test_augment_flips_and_keeps_labels():
-    tf.random.set_seed(3)
-    images = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(1, 4, 4, 3).repeat(64, axis=0)
-    labels = np.eye(64, dtype=np.float32)
-    config = TrainConfig(horizontal_flip=True)
-    dataset = inputs.augment(tf.data.Dataset.from_tensors((images, labels)), config, [0, 0, 0])
-    out_images, out_labels = next(iter(dataset))
-    flipped = [np.array_equal(image, images[0, :, ::-1]) for image in out_images.numpy()]
-    kept = [np.array_equal(image, images[0]) for image in out_images.numpy()]
-    assert all(f or k for f, k in zip(flipped, kept)) and 10 < sum(flipped) < 54
-    np.testing.assert_array_equal(out_labels.numpy(), labels)
+def test_augmentation_is_off_when_the_recipe_asks_for_none_and_seeded_otherwise():
+    assert inputs.Augmentation.from_config(TrainConfig(random_crop_padding=0, horizontal_flip=False, cutout=0),
+                                           [0, 0, 0]) is None
+    augment = augmentation(random_crop_padding=4, horizontal_flip=True, cutout=8)
+    images = np.random.default_rng(0).integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
+    first, second, other = (augment(images, None, np.random.default_rng(seed))[0] for seed in (5, 5, 6))
+    np.testing.assert_array_equal(first, second)
+    assert not np.array_equal(first, other)
 
 
 @pytest.mark.parametrize("rows, workers, batch, replicas, drop, expected", [
@@ -62,7 +77,8 @@ def test_worker_seeds_follow_train_seed_and_differ_per_worker_and_epoch():
 
 class FakeShard:
     """The part of ray.data.DataIterator that shard_batches uses: whole Arrow blocks of uneven
-    sizes, each row's label its index and its pixels the index's low byte."""
+    sizes, each row's label its index; its first byte of pixels is the index's low byte, the
+    others count up from 1 (so a flip shows)."""
 
     def __init__(self, block_sizes):
         self.block_sizes = block_sizes
@@ -72,7 +88,7 @@ class FakeShard:
         start = 0
         for size in self.block_sizes:
             labels = np.arange(start, start + size)
-            images = pa.array([bytes([label % 256]) * 12 for label in labels], pa.binary())
+            images = pa.array([bytes([label % 256]) + bytes(range(1, 12)) for label in labels], pa.binary())
             yield pa.table({"id": [str(label) for label in labels], "label": labels, "image": images})
             start += size
 
@@ -120,3 +136,25 @@ def test_rebatcher_cuts_any_chunks_into_exact_batches():
     assert [len(labels) for _, labels in out] == [4, 4, 4] and batcher.count == 3
     images, labels = batcher.rest()
     assert len(labels) == 3 and batcher.rest() is None
+
+
+def test_the_train_dataset_is_augmented_with_the_epochs_seed():
+    shard = FakeShard([50, 50])
+    def epoch(seed, augment):
+        dataset = inputs.shard_to_dataset(shard, image_size=2, num_classes=256, batch_size=25, steps=4,
+                                          shuffle_seed=seed, augmentation=augment)
+        return [(images.numpy(), labels.numpy()) for images, labels in dataset]
+    plain = epoch(1, None)
+    assert [images[:, 0, 0, 0].tolist() for images, _ in plain] == [list(range(i, i + 25)) for i in (0, 25, 50, 75)]
+    flip = augmentation(horizontal_flip=True)
+    flipped = epoch(1, flip)
+    assert len(flipped) == 4
+    mirrored = 0
+    for (images, labels), (original, _) in zip(flipped, plain):
+        np.testing.assert_array_equal(labels.argmax(axis=1), original[:, 0, 0, 0])  # labels untouched
+        for image, source in zip(images, original):
+            assert np.array_equal(image, source) or np.array_equal(image, source[:, ::-1])
+            mirrored += not np.array_equal(image, source)
+    assert 20 < mirrored < 80
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(flipped, epoch(1, flip)))  # seeded
+    assert not all(np.array_equal(a[0], b[0]) for a, b in zip(flipped, epoch(2, flip)))

@@ -120,8 +120,13 @@ class Manifest:
         try:
             shuffle = (FileShuffleConfig(seed=seed, reseed_after_execution=True) if seed is not None else "files") \
                 if shuffle_files else None
+            # One block per shard file (at most preprocess.MAX_SHARD_BYTES of pixels). Left to itself Ray aims
+            # at 200 blocks per read (DataContext.read_op_min_num_blocks) and cut CIFAR-10's five
+            # train files into 135 blocks of 371 rows: 135 object-store objects and streaming-split
+            # hand-overs per epoch, which held one worker's input at ~4,300 images/s on a core;
+            # whole files reach the augmentation's own speed (BENCHMARKS.md).
             return ray.data.read_parquet(inner_paths, filesystem=filesystem, columns=["id", "label", "image"],
-                                         num_cpus=READ_TASK_CPUS, shuffle=shuffle)
+                                         num_cpus=READ_TASK_CPUS, shuffle=shuffle, override_num_blocks=len(paths))
         finally:
             if use_v2:
                 context.use_datasource_v2 = use_v2

@@ -77,17 +77,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if train_steps == 0:
         raise ValueError(f"the train split ({dataset_info['rows']['train']} rows) is smaller than one global "
                          f"batch ({global_batch}); lower train.global_batch_size")
-    # Augmentation randomness differs per worker (each sees other images anyway); null: random.
-    augmentation_seed = inputs.worker_seed(config.train.seed, rank)
-    if augmentation_seed is not None:
-        tf.random.set_seed(augmentation_seed)
+    # Shuffling and augmentation draw from a seed per worker and epoch (each worker sees other
+    # images anyway); train.seed null: random.
+    augmentation = inputs.Augmentation.from_config(config.train, dataset_info["mean"] or [0, 0, 0])
 
     def train_dataset_fn(_, epoch):
-        dataset = inputs.shard_to_dataset(
+        return inputs.prefetch(inputs.shard_to_dataset(
             ray.train.get_dataset_shard("train"), image_size=image_size, num_classes=num_classes,
             batch_size=replica_batch, steps=train_batches, shuffle_buffer_size=config.train.shuffle_buffer_size,
-            shuffle_seed=inputs.worker_seed(config.train.seed, rank, epoch))
-        return inputs.prefetch(inputs.augment(dataset, config.train, dataset_info["mean"] or [0, 0, 0]))
+            shuffle_seed=inputs.worker_seed(config.train.seed, rank, epoch), augmentation=augmentation))
 
     val_dataset_fn, validation_steps = None, None
     if dataset_info["rows"].get("val"):
