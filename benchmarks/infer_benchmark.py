@@ -49,7 +49,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-actors", type=int, default=None, help="model actors (default: infer.num_actors)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per model call (default: infer.batch_size)")
     parser.add_argument("--cpus-per-actor", type=float, default=None, help="default: infer.cpus_per_actor")
-    parser.add_argument("--single-sample", type=int, default=500, help="images timed one at a time")
+    parser.add_argument("--single-sample", type=int, default=500, help="images timed one at a time (0: skip)")
     parser.add_argument("--json-out", help="write the results here as JSON")
     return parser.parse_args(argv)
 
@@ -169,9 +169,11 @@ def main(argv=None) -> dict:
         image_size = int(metadata["image_size"])
         print(f"[benchmark] 2/3 model.predict on {len(paths):,} decoded images in memory", flush=True)
         in_memory = time_model_predict(model, paths, image_size, config.infer.batch_size)
-        sample = paths[:: max(1, len(paths) // arguments.single_sample)][: arguments.single_sample]
-        print(f"[benchmark] 3/3 one image at a time on {len(sample):,} images", flush=True)
-        single = time_one_at_a_time(model, sample, image_size)
+        single = None
+        if arguments.single_sample > 0:
+            sample = paths[:: max(1, len(paths) // arguments.single_sample)][: arguments.single_sample]
+            print(f"[benchmark] 3/3 one image at a time on {len(sample):,} images", flush=True)
+            single = time_one_at_a_time(model, sample, image_size)
 
     results = {
         "benchmark": "infer",
@@ -191,7 +193,8 @@ def main(argv=None) -> dict:
           f"   ({batch['files']:,} files in {batch['elapsed_seconds']:.1f} s; decode+classify stage "
           f"{batch['decode_and_classify_images_per_second']:,.1f})")
     print(f"  model.predict, arrays in memory {in_memory['images_per_second']:>10,.1f}")
-    print(f"  one image at a time (tutorial)  {single['images_per_second']:>10,.1f}   ({single['images']} images)")
+    if single:
+        print(f"  one image at a time (tutorial)  {single['images_per_second']:>10,.1f}   ({single['images']} images)")
     if arguments.json_out:
         with open(arguments.json_out, "w") as handle:
             json.dump(results, handle, indent=2)
