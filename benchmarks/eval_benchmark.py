@@ -1,15 +1,16 @@
 """Speed of the test evaluation at the end of training, against the model alone, in one run:
 
 1. ``pipeline.train.loop.evaluate_split``, as one training worker runs it: the test split read
-   from Parquet through Ray Data (``shard_batches``), ``predict_on_batch`` per batch, Keras'
-   loss / top-1 / top-5 sums, one all-reduce;
+   from Parquet through Ray Data (``shard_batches``), ``predict_function`` per batch, Keras'
+   loss / top-1 / top-5 sums, one all-reduce (its one trace of the forward pass included, as in
+   a run);
 2. the same float32 model's ``model.predict`` on the same images already in memory, at the same
    batch size: the ceiling for the model alone on this machine.
 
     python benchmarks/eval_benchmark.py --rows 10000          # the fast recipe's ResNet-18, 32x32
 
 Untrained weights (speed does not depend on them), random pixels in the shard format; both are
-warmed up (their predict functions traced) before the clock starts.
+``model.predict`` is warmed up (its predict function built) before the clock starts.
 """
 
 from __future__ import annotations
@@ -61,8 +62,7 @@ def main() -> None:
         dataset = ray.data.read_parquet(path)
         strategy = tf.distribute.get_strategy()
 
-        model.predict_on_batch(images[:batch_size].astype(np.float32))  # trace evaluate's predict function
-        model.predict(images[:batch_size].astype(np.float32), batch_size=batch_size, verbose=0)  # and predict's
+        model.predict(images[:batch_size].astype(np.float32), batch_size=batch_size, verbose=0)  # build predict's
         started = time.perf_counter()
         result = evaluate_split(model, dataset.iterator(), strategy, 0, 1, image_size=size, batch_size=batch_size)
         evaluate_seconds = time.perf_counter() - started

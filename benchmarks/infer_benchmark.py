@@ -3,7 +3,8 @@
 1. ``pipeline.infer.run_inference`` end to end: list files, decode in Ray Data tasks, classify in the
    model actor pool, write predictions (Parquet) + errors + summary;
 2. the same model's ``model.predict`` on the same images already decoded in memory, at the same
-   batch size: the ceiling for the model alone on this machine;
+   batch size: the ceiling for the model alone on this machine (the baseline), and the same arrays
+   through ``pipeline.models.saving.predict_function``, the forward pass the model actors run;
 3. one image at a time, as the original tutorial predicted: PIL open, resize to 32x32, ``predict``
    on a batch of one (timed on a sample, ``--single-sample`` images).
 
@@ -105,7 +106,21 @@ def time_model_predict(model, paths: list[str], image_size: int, batch_size: int
     started = time.perf_counter()
     model.predict(pixels, batch_size=batch_size, verbose=0)
     seconds = time.perf_counter() - started
-    return {"images": len(paths), "seconds": round(seconds, 3), "images_per_second": round(len(paths) / seconds, 2)}
+    return {"images": len(paths), "seconds": round(seconds, 3), "images_per_second": round(len(paths) / seconds, 2),
+            "compiled_forward_pass": time_compiled_forward_pass(model, pixels, batch_size)}
+
+
+def time_compiled_forward_pass(model, pixels, batch_size: int) -> dict:
+    """The same arrays through ``predict_function`` (what the model actors call), batch by batch."""
+    from pipeline.models.saving import predict_function
+
+    predict = predict_function(model)
+    predict(pixels[:batch_size])  # trace first
+    started = time.perf_counter()
+    for start in range(0, len(pixels), batch_size):
+        predict(pixels[start:start + batch_size]).numpy()
+    seconds = time.perf_counter() - started
+    return {"images": len(pixels), "seconds": round(seconds, 3), "images_per_second": round(len(pixels) / seconds, 2)}
 
 
 def time_one_at_a_time(model, paths: list[str], image_size: int) -> dict:
@@ -193,6 +208,7 @@ def main(argv=None) -> dict:
           f"   ({batch['files']:,} files in {batch['elapsed_seconds']:.1f} s; decode+classify stage "
           f"{batch['decode_and_classify_images_per_second']:,.1f})")
     print(f"  model.predict, arrays in memory {in_memory['images_per_second']:>10,.1f}")
+    print(f"  predict_function, in memory     {in_memory['compiled_forward_pass']['images_per_second']:>10,.1f}")
     if single:
         print(f"  one image at a time (tutorial)  {single['images_per_second']:>10,.1f}   ({single['images']} images)")
     if arguments.json_out:

@@ -158,3 +158,18 @@ def test_a_checkpoint_whose_upload_stopped_part_way_is_told_from_a_whole_one(tmp
         load_model(str(folder))
     (folder / "state.json").unlink()
     assert checkpoint_problem(pafs.LocalFileSystem(), str(folder)) == "state.json is missing or unreadable"
+
+
+def test_the_inference_function_is_the_models_forward_pass_for_any_batch_size():
+    # What the model actors and the test evaluation call instead of predict_on_batch: the same
+    # probabilities, for a full and a short last batch, from one trace (a retrace per batch size
+    # would compile the model again for every short last batch of a dataset).
+    from pipeline.models.saving import predict_function
+
+    model = build_model(ModelConfig(name="resnet18", width=4), num_classes=3, image_size=16,
+                        mean=[120.0] * 3, std=[60.0] * 3)
+    predict = predict_function(model)
+    for count in (5, 2):
+        images = random_pixels(count, 16, seed=count)
+        np.testing.assert_allclose(predict(images).numpy(), model.predict_on_batch(images), atol=1e-6)
+    assert predict.experimental_get_tracing_count() == 1

@@ -122,13 +122,14 @@ class Predictor:
 
     def __init__(self, model_path: str, top_k: int, gpus: float = 0.0, facts_dir: Optional[str] = None):
         from pipeline import accelerators
-        from pipeline.models.saving import load_model
+        from pipeline.models.saving import load_model, predict_function
 
         # Before the model touches a device: none if the actor holds no GPU (Ray no longer hides
         # the node's GPUs from it), memory growth where fractional actors share one.
         accelerators.hide_unrequested_gpus(gpus)
         devices = accelerators.visible_gpus()
         self.model, metadata = load_model(model_path)
+        self.predict = predict_function(self.model)
         self.class_names = np.asarray(metadata["class_names"], dtype=str)
         self.image_size = int(metadata["image_size"])
         self.top_k = min(int(top_k), len(self.class_names))
@@ -143,9 +144,10 @@ class Predictor:
             raise ValueError(f"images must have shape (batch, {', '.join(map(str, expected))}) for this model, "
                              f"got {images.shape}")
         if len(images):
-            # predict_on_batch runs the model's compiled predict function on exactly this batch,
-            # without model.predict's per-call dataset and callback set-up.
-            probabilities = np.asarray(self.model.predict_on_batch(images.astype(np.float32)))
+            # One compiled forward pass on exactly this batch: no per-call dataset or callbacks as
+            # in model.predict, and none of predict_on_batch's single-threaded batches (see
+            # predict_function).
+            probabilities = self.predict(images.astype(np.float32)).numpy()
         else:
             probabilities = np.zeros((0, len(self.class_names)), dtype=np.float32)
         return prediction_columns(batch["path"], probabilities, self.class_names, self.top_k,

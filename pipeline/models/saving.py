@@ -67,14 +67,34 @@ def save_export(model, metadata: dict, target: str) -> str:
     return target
 
 
-def _serving_function(model):
+def predict_function(model):
+    """``model``'s forward pass for inference, as one TensorFlow function of float32 image batches
+    of any size (traced once): what the model actors and the test evaluation call per batch.
+
+    Not ``model.predict_on_batch``: on a 2-vCPU machine, beside a running Ray, tf-keras' predict
+    function ran 4 to 7 of 12 batches with the work serialised onto one thread at a time, exactly
+    twice as long (both vCPUs half idle, no thread waiting for a CPU, with 2, 3 or 4 intra-op
+    threads alike); this function ran none of 24 so, same model, same setting (BENCHMARKS.md,
+    "Batch inference")."""
     import tensorflow as tf
 
     size = model.input_shape[1]
 
     @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="images")])
+    def predict(images):
+        return model(images, training=False)
+
+    return predict
+
+
+def _serving_function(model):
+    import tensorflow as tf
+
+    predict = predict_function(model)
+
+    @tf.function(input_signature=predict.input_signature)
     def serve(images):
-        return {"probabilities": model(images, training=False)}
+        return {"probabilities": predict(images)}
 
     return serve
 

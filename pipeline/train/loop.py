@@ -29,7 +29,7 @@ import tf_keras as keras
 from pipeline import storage
 from pipeline.config import batch_sizes, from_dict, per_replica_batch_size, replicas_per_worker, scaled_learning_rate
 from pipeline.models.registry import create_model
-from pipeline.models.saving import model_metadata, restore_checkpoint, save_export
+from pipeline.models.saving import model_metadata, predict_function, restore_checkpoint, save_export
 from pipeline.train import devices, inputs
 from pipeline.train.callbacks import ProgressLog, ReportToRayTrain, TensorBoardToStorage
 from pipeline.train.history import write_history
@@ -198,10 +198,11 @@ def evaluate_split(model, shard, strategy, rank: int, world_size: int, *, image_
     share alone), then one all-reduce adds up the sums. The metrics are Keras' own
     (CategoricalCrossentropy on probabilities, CategoricalAccuracy, TopKCategoricalAccuracy)."""
     sums = np.zeros(4)  # loss, top-1 hits, top-5 hits, rows
+    predict = predict_function(model)
     for index, (images, labels) in enumerate(inputs.shard_batches(shard, image_size=image_size,
                                                                    batch_size=batch_size, drop_remainder=False)):
         if index % world_size == rank:
-            probabilities = np.asarray(model.predict_on_batch(images.astype(np.float32)), dtype=np.float64)
+            probabilities = predict(images.astype(np.float32)).numpy().astype(np.float64)
             sums += classification_sums(probabilities, labels)
     # Each local replica contributes the worker's sums once: divide the replicas back out.
     local_replicas = strategy.num_replicas_in_sync // world_size
