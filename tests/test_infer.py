@@ -287,12 +287,29 @@ def test_csv_output_matches_model_predict_and_lists_broken_files(local_ray, expo
     assert summary["images_per_second"] > 0
     assert summary["provenance"]["pipeline"] == pipeline.__version__
     # On a GPU node, the CPU model actors (gpus_per_actor 0) saw no GPU. Each actor records its
-    # facts once its model is loaded; Ray Data does not wait for the whole pool before it starts
-    # (wait_for_min_actors_s is off), so on a few batches the second actor may never get there.
+    # facts with its first batch; Ray Data does not wait for the whole pool before it starts
+    # (wait_for_min_actors_s is off), so on a few batches the second actor may never get one.
     assert 1 <= len(summary["actors"]) <= 2
     assert all(actor["cuda_visible_devices"] == "" and actor["gpus"] == [] for actor in summary["actors"])
     assert json.loads((tmp_path / "out" / "predictions.summary.json").read_text()) == summary
     _no_staging_left(tmp_path / "out")
+
+
+def test_an_actor_records_its_facts_only_with_a_batch(local_ray, exported_model, tmp_path):
+    # An actor that finished loading after the run ended (Ray Data does not wait for a late one)
+    # wrote its facts into the staging folder that run_inference had just removed, and left a
+    # hidden ".predictions.csv.staging-*" behind (seen in CI). Its facts now go with its first
+    # batch, whose write ends before the batch's results reach the run.
+    from pipeline.infer.predictor import Predictor
+
+    folder, _ = exported_model
+    facts_dir = tmp_path / "staging" / "actors"
+    predictor = Predictor(model_path=folder, top_k=1, facts_dir=str(facts_dir))
+    assert not (tmp_path / "staging").exists()
+    images = np.zeros((2, 8, 8, 3), dtype=np.uint8)
+    for _ in range(2):
+        predictor({"path": np.array(["a.png", "b.png"]), "image": images})
+    assert [path.name.startswith("actor-") for path in facts_dir.iterdir()] == [True]
 
 
 def test_gpu_actors_see_only_the_gpu_ray_gave_them(local_ray, exported_model, mixed_folder, tmp_path):

@@ -133,11 +133,22 @@ class Predictor:
         self.class_names = np.asarray(metadata["class_names"], dtype=str)
         self.image_size = int(metadata["image_size"])
         self.top_k = min(int(top_k), len(self.class_names))
-        if facts_dir:
-            facts = accelerators.process_facts(devices)
-            storage.write_json(storage.join(facts_dir, f"actor-{facts['node_id'][:12]}-{facts['pid']}.json"), facts)
+        # Recorded with the first batch, not here: Ray Data starts using the pool before every
+        # actor is up and ends the run without waiting for a late one, whose write would then
+        # recreate the staging folder after run_inference removed it. A batch's write is done
+        # before its results are, so before the run can finish.
+        self.facts_dir, self.devices = facts_dir, devices
+
+    def record_facts(self) -> None:
+        from pipeline import accelerators
+
+        facts = accelerators.process_facts(self.devices)
+        storage.write_json(storage.join(self.facts_dir, f"actor-{facts['node_id'][:12]}-{facts['pid']}.json"), facts)
+        self.facts_dir = None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.facts_dir:
+            self.record_facts()
         images = batch["image"]
         expected = (self.image_size, self.image_size, 3)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
