@@ -92,6 +92,8 @@ def time_batch_inference(config) -> dict:
         "decode_and_classify_seconds": classify_seconds,
         "decode_and_classify_images_per_second": round(summary["files_seen"] / classify_seconds, 2),
         "stage_seconds": summary["stage_seconds"],
+        # Per model actor, TensorFlow's import and the model's load before its first batch.
+        "actor_model_load_seconds": [actor["model_load_seconds"] for actor in summary["actors"]],
         "top1_accuracy": (summary["accuracy"] or {}).get("top1"),
     }
 

@@ -291,6 +291,7 @@ def test_csv_output_matches_model_predict_and_lists_broken_files(local_ray, expo
     # (wait_for_min_actors_s is off), so on a few batches the second actor may never get one.
     assert 1 <= len(summary["actors"]) <= 2
     assert all(actor["cuda_visible_devices"] == "" and actor["gpus"] == [] for actor in summary["actors"])
+    assert all(actor["model_load_seconds"] > 0 for actor in summary["actors"])
     assert json.loads((tmp_path / "out" / "predictions.summary.json").read_text()) == summary
     _no_staging_left(tmp_path / "out")
 

@@ -173,3 +173,31 @@ def test_the_inference_function_is_the_models_forward_pass_for_any_batch_size():
         images = random_pixels(count, 16, seed=count)
         np.testing.assert_allclose(predict(images).numpy(), model.predict_on_batch(images), atol=1e-6)
     assert predict.experimental_get_tracing_count() == 1
+
+
+def test_an_export_loads_as_keras_load_model_loads_it(tmp_path):
+    # load_model reads an export's weights from an extracted file rather than from inside the
+    # .keras zip (3x faster for every model actor): same layers, same weights, same outputs as
+    # tf-keras' own loader, the BatchNorm moving statistics included.
+    from pipeline.models.saving import load_model, model_metadata, save_export
+
+    config = ModelConfig(name="resnet18", width=4)
+    model = build_model(config, num_classes=3, image_size=16, mean=[120.0] * 3, std=[60.0] * 3)
+    rng = np.random.default_rng(0)
+    model.set_weights([rng.uniform(0.5, 1.5, weight.shape).astype(np.float32) for weight in model.get_weights()])
+    metadata = model_metadata(kind="export", class_names=["a", "b", "c"], image_size=16,
+                              config={"model": vars(config)}, mean=[120.0] * 3, std=[60.0] * 3)
+    folder = save_export(model, metadata, str(tmp_path / "export"))
+
+    loaded, loaded_metadata = load_model(folder)
+    reference = keras.models.load_model(str(tmp_path / "export" / "model.keras"), compile=False)
+
+    assert loaded_metadata["class_names"] == ["a", "b", "c"]
+    assert loaded.get_config() == reference.get_config()
+    assert [weight.name for weight in loaded.weights] == [weight.name for weight in reference.weights]
+    for ours, theirs, original in zip(loaded.get_weights(), reference.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(ours, theirs)
+        np.testing.assert_array_equal(ours, original)
+    images = random_pixels(3, 16)
+    np.testing.assert_array_equal(loaded.predict_on_batch(images), reference.predict_on_batch(images))
+    assert loaded.optimizer is None  # compile=False, as for tf-keras' loader

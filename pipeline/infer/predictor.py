@@ -6,6 +6,7 @@ for one image without Ray."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from functools import lru_cache
 from typing import Iterator, Optional
@@ -121,6 +122,7 @@ class Predictor:
     {"path", "image" uint8 (N, H, W, 3)[, "label" int]} -> the prediction columns above."""
 
     def __init__(self, model_path: str, top_k: int, gpus: float = 0.0, facts_dir: Optional[str] = None):
+        started = time.perf_counter()
         from pipeline import accelerators
         from pipeline.models.saving import load_model, predict_function
 
@@ -138,11 +140,13 @@ class Predictor:
         # recreate the staging folder after run_inference removed it. A batch's write is done
         # before its results are, so before the run can finish.
         self.facts_dir, self.devices = facts_dir, devices
+        # TensorFlow's import and the model's load: what every actor pays before its first batch.
+        self.load_seconds = round(time.perf_counter() - started, 3)
 
     def record_facts(self) -> None:
         from pipeline import accelerators
 
-        facts = accelerators.process_facts(self.devices)
+        facts = {**accelerators.process_facts(self.devices), "model_load_seconds": self.load_seconds}
         storage.write_json(storage.join(self.facts_dir, f"actor-{facts['node_id'][:12]}-{facts['pid']}.json"), facts)
         self.facts_dir = None
 
