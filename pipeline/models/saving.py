@@ -72,10 +72,10 @@ def predict_function(model):
     of any size (traced once): what the model actors and the test evaluation call per batch.
 
     Not ``model.predict_on_batch``: on a 2-vCPU machine, beside a running Ray, tf-keras' predict
-    function ran 4 to 7 of 12 batches with the work serialised onto one thread at a time, exactly
+    function ran 8 of 36 batches with the work serialised onto one thread at a time, exactly
     twice as long (both vCPUs half idle, no thread waiting for a CPU, with 2, 3 or 4 intra-op
-    threads alike); this function ran none of 24 so, same model, same setting (BENCHMARKS.md,
-    "Batch inference")."""
+    threads alike); this function ran none of 36 so, same model, same setting (BENCHMARKS.md,
+    "The two-speed batches traced to predict_on_batch beside Ray")."""
     import tensorflow as tf
 
     size = model.input_shape[1]
@@ -195,8 +195,8 @@ def load_keras_archive(path: str):
 
     tf-keras hands h5py the weights member of the zip as a file object; h5py seeks in it ~700
     times for a ResNet-18, and Python's zipfile serves each backward seek by reading the member
-    again from its start: most of the 2.6 s that ``load_model`` took here (ResNet-18, 2 vCPUs), paid by every model
-    actor before its first batch. Extracted, the same weights load in a fraction of a second.
+    again from its start: most of the 2.6 s that ``load_model`` took here (ResNet-18, 2 vCPUs),
+    paid by every model actor before its first batch. Extracted, the whole load takes 0.7-0.9 s.
     Only the archive is fetched, not the export's SavedModel beside it. (save_export writes the
     weights as ``model.weights.h5`` and no assets: a ResNet has none.)"""
     import io
