@@ -9,13 +9,16 @@ reproduces), each measurement its own process, one after another:
 1. ``bare Keras``: benchmarks/seed_keras_baseline.py with oneDNN on (the baseline);
 2. ``pipeline step, plain``: the pipeline's own model and compile (``create_model``,
    ``make_optimizer``, the loop's metrics) fitted on one in-memory batch repeated, in one process;
-3. ``pipeline step, MultiWorkerMirroredStrategy``: the same under the strategy every Ray Train
-   worker runs (one worker, ring all-reduce), still in one process: what the strategy costs;
-4. ``pipeline``: ``jobs/train.py`` with one Ray Train worker, 2 epochs on a class-balanced
+3. ``pipeline step, beside an idle Ray``: the same, after the process has started the embedded
+   Ray a ``jobs/train.py`` run starts (``pipeline.runtime.connect``) and let it settle: what Ray's
+   own processes cost a step on these cores while they do nothing for it;
+4. ``pipeline step, MultiWorkerMirroredStrategy``: the plain step under the strategy every Ray
+   Train worker runs (one worker, ring all-reduce), in one process: what the strategy costs;
+5. ``pipeline``: ``jobs/train.py`` with one Ray Train worker, 2 epochs on a class-balanced
    subset, ``steady_images_per_second`` of the second epoch (Ray Data input, callbacks, Ray's
    processes beside it).
 
-``--repeats`` rounds of the four, interleaved; the median of each is reported with its rounds.
+``--repeats`` rounds of the five, interleaved; the median of each is reported with its rounds.
 
 The arithmetic: FLOPs per image from TensorFlow's profiler on the model's forward graph (x3 for a
 training step: forward, gradients of activations and of weights), against the float32 rate of a
@@ -67,6 +70,13 @@ def measure_steps(args) -> dict:
 
     from pipeline.train import devices
 
+    if args.beside_ray:
+        from pipeline import runtime
+
+        runtime.connect()
+        # Ray starts its dashboard, agents and prestarted workers over the first seconds; the
+        # step is measured beside them once they idle, as a training worker runs beside them.
+        time.sleep(args.beside_ray)
     config = seed_config()
     batch = config.train.global_batch_size
     images = np.random.default_rng(0).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
@@ -87,7 +97,7 @@ def measure_steps(args) -> dict:
 
     model.fit(data, epochs=1, verbose=0, callbacks=[Clock()])
     seconds = times[-1] - times[args.warmup - 1]
-    return {"strategy": args.strategy, "steps": args.steps, "batch": batch,
+    return {"strategy": args.strategy, "beside_ray": bool(args.beside_ray), "steps": args.steps, "batch": batch,
             "images_per_second": round(args.steps * batch / seconds, 1)}
 
 
@@ -155,6 +165,7 @@ def main():
     parser.add_argument("--json", default=os.path.join(REPO, "artifacts/benchmarks/train-profile.json"))
     parser.add_argument("--child", choices=["steps", "arithmetic"], help=argparse.SUPPRESS)
     parser.add_argument("--strategy", default="plain", help=argparse.SUPPRESS)
+    parser.add_argument("--beside-ray", type=float, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure_steps(args) if args.child == "steps" else arithmetic(args)))
@@ -184,10 +195,12 @@ def main():
     measurements = [
         ("bare Keras script, oneDNN (baseline)", bare),
         ("pipeline step, plain", lambda: child("steps", args, "--strategy", "plain")["images_per_second"]),
+        ("pipeline step, plain, beside an idle Ray",
+         lambda: child("steps", args, "--strategy", "plain", "--beside-ray", "20")["images_per_second"]),
         ("pipeline step, MultiWorkerMirroredStrategy",
          lambda: child("steps", args, "--strategy", "mwms")["images_per_second"]),
         ("pipeline, jobs/train.py, 1 Ray Train worker", pipeline_run)]
-    # Rounds of all four, interleaved, so that a slow spell of the machine (this VM has whole
+    # Rounds of all five, interleaved, so that a slow spell of the machine (this VM has whole
     # seconds at half speed) hits every row alike; each row's figure is its median.
     speeds = {label: [] for label, _ in measurements}
     for _ in range(args.repeats):
