@@ -67,6 +67,16 @@ def _git_commit():
     return _commit_cache[0]
 
 
+class InputError(ValueError):
+    """Something the user gave (a config value, a path, a file, a model) cannot be used; the message
+    names it. The command prints it and exits with status 2, without a traceback. Errors of other
+    types are bugs or failures of the machinery (TensorFlow, Ray) and keep their traceback."""
+
+
+class NotFound(InputError, FileNotFoundError):
+    """A path the user gave does not exist."""
+
+
 class PipelineError(RuntimeError):
     """A stage stopped for a reason its message explains: the command prints it and exits with
     status 1, without a traceback (bad configuration is ``config.ConfigError``, status 2)."""

@@ -18,10 +18,12 @@ import argparse
 import signal
 import sys
 
-from pipeline import PipelineError, Stopped  # (pipeline first: TF_USE_LEGACY_KERAS before TensorFlow)
-from pipeline.config import ConfigError, describe, load_config, to_yaml
+from pipeline import InputError, PipelineError, Stopped  # (pipeline first: TF_USE_LEGACY_KERAS before TensorFlow)
+from pipeline.config import describe, load_config, to_yaml
 
-USAGE_ERRORS = (ConfigError, ValueError, FileNotFoundError)
+# Only the project's own input errors: a ValueError from deep in TensorFlow or Ray is a bug to report
+# with its traceback, not something the user typed wrong.
+USAGE_ERRORS = (InputError,)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, recipe_required: bool = False) -> None:
@@ -138,7 +140,7 @@ def run(args) -> int:
         if settings.output is None and is_single_image(settings.input):
             # One image and nowhere to write: classified here, without Ray, and printed.
             if not settings.model:
-                raise ValueError("no model given: set --model (or infer.model) to an export, checkpoint or run folder")
+                raise InputError("no model given: set --model (or infer.model) to an export, checkpoint or run folder")
             print_image_prediction(predict_image(settings.model, settings.input, settings.top_k))
             return 0
         print_inference_summary(run_inference(config, args.address))  # checks its inputs, then connects

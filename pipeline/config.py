@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import typing
 import urllib.parse
 from dataclasses import dataclass, field
@@ -24,8 +25,10 @@ from typing import Any, Optional
 
 import yaml
 
+from pipeline import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A configuration value or file is invalid; the message names the key."""
 
 
@@ -159,7 +162,8 @@ class ScalingConfig:
         {}, "other Ray resources each worker asks for, e.g. {spot: 1} to train on the spot nodes of "
         "ray-cluster.yaml, or a custom accelerator resource")
     collective: str = param(
-        "auto", "all-reduce implementation: auto (NCCL on GPUs, ring on CPUs) | ring | nccl",
+        "auto", "all-reduce implementation: auto (NCCL between workers with whole GPUs; ring on CPUs and "
+        "between workers sharing a GPU, which NCCL refuses) | ring | nccl",
         choices=["auto", "ring", "nccl"])
 
 
@@ -433,6 +437,8 @@ def _coerce(dotted: str, value, hint, or_auto: bool = False):
             return None
         hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
     base = typing.get_origin(hint) or hint
+    if base in (int, float):
+        value = _as_number(value, base)
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -445,7 +451,25 @@ def _coerce(dotted: str, value, hint, or_auto: bool = False):
         wanted = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
                   list: "a list such as [30, 60]", dict: "a mapping of key: value"}[base]
         raise ConfigError(f"config key '{dotted}' must be {wanted}{' or auto' if or_auto else ''}, got {value!r}")
+    if base is float and not math.isfinite(value):
+        raise ConfigError(f"config key '{dotted}' must be a finite number, got {value!r}")
     return float(value) if base is float else value
+
+
+def _as_number(value, base: type):
+    """A number as people write it: YAML 1.1 (PyYAML) reads ``3e-4``, ``1E-3`` and ``5.`` as text, so
+    text that Python's ``int()``/``float()`` reads is that number; an integer key takes an integral
+    float (``5.0``, ``1e3``). Anything else is returned as it was, for the type error to name."""
+    if isinstance(value, str) and value.strip():
+        for parse in (int, float):
+            try:
+                value = parse(value.strip())
+                break
+            except ValueError:
+                continue
+    if base is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def validate(config: Config) -> None:
@@ -485,6 +509,10 @@ def validate(config: Config) -> None:
         raise ConfigError(f"train.cutout={train.cutout} must be smaller than data.image_size={config.data.image_size}")
     if config.scaling.collective == "nccl" and not config.scaling.use_gpu:
         raise ConfigError("scaling.collective=nccl needs scaling.use_gpu=true (NCCL is GPU-only); use ring or auto")
+    if config.scaling.collective == "nccl" and gpus < 1 and config.scaling.num_workers > 1:
+        raise ConfigError(f"scaling.collective=nccl with scaling.gpus_per_worker={gpus:g}: Ray packs workers that "
+                          f"hold a fraction of a GPU onto one GPU, and NCCL refuses two ranks on one device "
+                          f"(\"Duplicate GPU detected\"); use collective ring or auto (ring for shared GPUs)")
 
 
 def _check_rules(dotted: str, value, rules) -> None:

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from pipeline import cli, runtime
+from pipeline import NotFound, cli, runtime
 from pipeline.config import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,3 +46,21 @@ def test_ctrl_c_before_the_config_is_read_exits_130(monkeypatch, capsys):
     monkeypatch.setattr(cli, "run", stage)
     assert cli.main(["train"]) == 130
     assert capsys.readouterr().err.strip() == "stopped by Ctrl-C (SIGINT): nothing had started"
+
+
+def test_only_the_projects_input_errors_are_usage_errors(monkeypatch, capsys):
+    # A ValueError from deep inside TensorFlow or Ray is a bug to report with its traceback, not
+    # "error: ..." and exit 2 as if the user had typed something wrong.
+    def broken_machinery(args):
+        raise ValueError("Shapes (None, 10) and (None, 12) are incompatible")
+
+    monkeypatch.setattr(cli, "run", broken_machinery)
+    with pytest.raises(ValueError, match="are incompatible"):
+        cli.main(["train"])
+
+    def bad_input(args):
+        raise NotFound("model path does not exist: /nowhere")
+
+    monkeypatch.setattr(cli, "run", bad_input)
+    assert cli.main(["predict"]) == 2
+    assert capsys.readouterr().err.strip() == "error: model path does not exist: /nowhere"

@@ -41,6 +41,37 @@ def test_overrides_parse_yaml_values():
     assert load_config(None, ["train.epochs=1_0"]).train.epochs == 10
 
 
+def test_numbers_as_people_write_them_in_overrides_files_and_search_spaces(tmp_path):
+    # YAML 1.1 (PyYAML) reads 3e-4, 1E-3 and 5. as text: each is still the number it spells.
+    config = load_config("configs/fast.yaml", ["train.learning_rate=3e-4", "train.weight_decay=1E-3",
+                                               "train.label_smoothing=.5", "train.momentum=0.",
+                                               "train.epochs=5.0", "train.global_batch_size=1e3"])
+    train = config.train
+    assert (train.learning_rate, train.weight_decay, train.label_smoothing, train.momentum) == (3e-4, 1e-3, 0.5, 0.0)
+    assert (train.epochs, train.global_batch_size) == (5, 1000)
+    assert type(train.epochs) is int and type(train.global_batch_size) is int
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("train:\n  weight_decay: 5e-4\n  learning_rate: 1e-1\n  epochs: 1e1\n"
+                      "tune:\n  space:\n    train.learning_rate: {loguniform: [1e-4, 1e-1]}\n")
+    loaded = load_config(str(recipe))
+    assert (loaded.train.weight_decay, loaded.train.learning_rate, loaded.train.epochs) == (5e-4, 0.1, 10)
+    from pipeline.tune.space import parse_space
+
+    assert parse_space(loaded)[0].values == (1e-4, 1e-1)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epochs=5.5", "'train.epochs' must be an integer, got 5.5"),
+    ("train.learning_rate=3e-4x", "'train.learning_rate' must be a number, got '3e-4x'"),
+    ("train.learning_rate=nan", "'train.learning_rate' must be a finite number"),
+    ("train.weight_decay=inf", "'train.weight_decay' must be a finite number"),
+    ("train.epochs=true", "'train.epochs' must be an integer, got True"),
+])
+def test_what_is_not_a_number_is_still_refused_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config("configs/fast.yaml", [override])
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.epoch=5", "did you mean 'train.epochs'"),
     ("trian.epochs=5", "did you mean 'train'"),

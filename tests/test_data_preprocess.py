@@ -14,7 +14,10 @@ from PIL import Image
 
 from pipeline.config import ConfigError, load_config
 from pipeline.data.manifest import lease, ManifestError, open_manifest
-from pipeline.data.preprocess import PreprocessError, run_preprocess, shard_name, split_train_val
+from pipeline.data import preprocess
+from pipeline.data.preprocess import (PreprocessError, ensure_preprocessed, run_preprocess, shard_name,
+                                         split_train_val)
+from pipeline.data.sources import SourceError
 from pipeline.data.sources import Item
 
 from data_files import make_config, make_noise_folder, make_mixed_folder, read_all_shards, shard_folders
@@ -84,6 +87,43 @@ def test_rerun_reuses_and_config_change_or_force_rebuilds(tmp_path, local_ray, c
     run_preprocess(make_config(tmp_path, f"data.source={root}", "data.val_fraction=0.3",
                                "data.rows_per_shard=16"), force=True)
     assert len(shard_folders(output)) == 1 and grown.build not in shard_folders(output)
+
+
+def test_training_stages_use_a_current_build_without_the_source(tmp_path, local_ray, monkeypatch, capsys):
+    # Preprocessed on one node (or before the download host went away), trained elsewhere: the
+    # manifest says what the shards hold, the source is never opened again.
+    root = make_noise_folder(tmp_path / "images", per_class=6)
+    config = make_config(tmp_path, f"data.source={root}", "data.val_fraction=0.25")
+    built = run_preprocess(config)
+    os.rename(root, tmp_path / "moved-away")
+
+    def no_source(data):
+        raise AssertionError(f"the source was opened: {data.source}")
+
+    monkeypatch.setattr(preprocess, "resolve_source", no_source)
+    capsys.readouterr()
+    assert ensure_preprocessed(config).raw == built.raw
+    assert "using the preprocessed data at" in capsys.readouterr().out
+    monkeypatch.undo()
+
+    # A data config the build does not match needs the source to rebuild: one line that says why.
+    changed = make_config(tmp_path, f"data.source={root}", "data.val_fraction=0.5")
+    with pytest.raises(SourceError) as error:
+        ensure_preprocessed(changed)
+    message = str(error.value)
+    assert "must be rebuilt (changed data.val_fraction 0.25 -> 0.5), which needs the source" in message
+    assert f"data.source='{root}': no such file or folder" in message and "\n" not in message
+    assert open_manifest(str(tmp_path / "out")).raw == built.raw  # nothing lost
+
+    # A build made by an older decode (no EXIF orientation) is stale for the training stages too.
+    os.rename(tmp_path / "moved-away", root)
+    old = dict(built.raw)
+    del old["decode_version"]
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps(old))
+    capsys.readouterr()
+    rebuilt = ensure_preprocessed(config)
+    assert "decoded by an older version (decode version 1 -> 2" in capsys.readouterr().out
+    assert rebuilt.raw["decode_version"] == 2 and rebuilt.build != built.build
 
 
 def test_crashed_build_leftovers_are_removed_on_commit(tmp_path, local_ray):

@@ -2,6 +2,7 @@
 export, and the CLI. Two workers (one per node, ring all-reduce across raylets): test_autoscaling."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,9 +131,12 @@ def test_stopped_run_resumes_at_the_right_epoch(source, tmp_path, local_ray):
     job joins its cluster: the driver's exit ends its Train run there (and no Ray start per run).
     (A crashed driver, SIGKILLed with everything it started, is the search test's case.)"""
     address = ray.get_runtime_context().gcs_address
+    # The second command runs with the source gone (preprocessed elsewhere, download host down):
+    # the shards and their manifest are all a training job needs.
+    own_source = shutil.copytree(source, tmp_path / "images")
     arguments = [sys.executable, os.path.join(REPO, "jobs/train.py"), "--address", address,
                  "--config", os.path.join(REPO, "configs/smoke.yaml"),
-                 "--set", f"data.source={source}", "--set", f"data.output={tmp_path}/data",
+                 "--set", f"data.source={own_source}", "--set", f"data.output={tmp_path}/data",
                  "--set", f"run.storage_path={tmp_path}/runs", "--set", "run.name=resume",
                  "--set", "train.epochs=4", "--set", "train.precision=fp32"]
     run_dir = os.path.join(tmp_path, "runs", "resume")
@@ -158,6 +162,7 @@ def test_stopped_run_resumes_at_the_right_epoch(source, tmp_path, local_ray):
     done_before = storage.read_json(os.path.join(run_dir, checkpoints_by_epoch(run_dir)[0], "state.json"))["history"]
     assert 1 <= len(done_before) < 4
 
+    shutil.rmtree(own_source)
     second = subprocess.run(arguments, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resuming run 'resume'" in second.stdout
@@ -182,22 +187,33 @@ def precision_probe(loop_config):
     fast = {"bf16", "fp16"} if rank == 0 else {"fp16"}
     storage.write_json(os.path.join(loop_config["out"], f"rank-{rank}.json"), {
         "precision": devices.agreed_precision(strategy, "auto", fast),
-        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")})
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "collective": devices.collective("auto", True, loop_config["gpus_per_worker"])})
 
 
 def test_workers_agree_on_one_precision_and_see_their_own_gpu(local_ray, tmp_path):
     # Each worker alone would pick its own (bf16 on rank 0, fp16 on rank 1): replicas in different
     # dtypes, one loss-scaled. Decided once, by all-reduce, both train in fp16.
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    trainer = TensorflowTrainer(
-        precision_probe, train_loop_config={"out": str(tmp_path)},
-        scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=True, resources_per_worker={"CPU": 1, "GPU": 1}),
-        run_config=ray.train.RunConfig(name="probe", storage_path=str(tmp_path / "runs")))
-    trainer.fit()
-    records = [storage.read_json(os.path.join(tmp_path, f"rank-{rank}.json")) for rank in (0, 1)]
-    assert [record["precision"] for record in records] == ["fp16", "fp16"]
-    # Ray gave each GPU worker one of the node's two GPUs, and only that one.
-    assert sorted(record["cuda_visible_devices"] for record in records) == ["0", "1"]
+    for gpus in (1, 0.5):
+        out = tmp_path / f"gpus-{gpus}"
+        trainer = TensorflowTrainer(
+            precision_probe, train_loop_config={"out": str(out), "gpus_per_worker": gpus},
+            scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=True,
+                                                   resources_per_worker={"CPU": 1, "GPU": gpus}),
+            run_config=ray.train.RunConfig(name=f"probe-{gpus}", storage_path=str(tmp_path / "runs")))
+        trainer.fit()
+        records = [storage.read_json(os.path.join(out, f"rank-{rank}.json")) for rank in (0, 1)]
+        assert [record["precision"] for record in records] == ["fp16", "fp16"]
+        if gpus == 1:
+            # Ray gave each GPU worker one of the node's two GPUs, and only that one: NCCL.
+            assert sorted(record["cuda_visible_devices"] for record in records) == ["0", "1"]
+            assert {record["collective"] for record in records} == {"nccl"}
+        else:
+            # Half a GPU each: Ray packs both onto one GPU, two NCCL ranks on one device, which
+            # NCCL refuses; auto chose ring.
+            assert [record["cuda_visible_devices"] for record in records] == ["0", "0"]
+            assert {record["collective"] for record in records} == {"ring"}
 
 
 def test_resuming_needs_the_data_and_model_the_checkpoints_were_made_with(tmp_path):

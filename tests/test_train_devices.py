@@ -56,10 +56,20 @@ def test_cpu_flags_are_read_from_proc_cpuinfo(monkeypatch, tmp_path):
     assert not devices.cpu_has_bf16_units()
 
 
-@pytest.mark.parametrize("requested, use_gpu, expected", [("auto", True, "nccl"), ("auto", False, "ring"),
-                                                          ("ring", True, "ring"), ("nccl", True, "nccl")])
-def test_auto_collective_is_nccl_between_gpu_workers(requested, use_gpu, expected):
-    assert devices.collective(requested, use_gpu) == expected
+@pytest.mark.parametrize("requested, use_gpu, gpus, expected", [
+    ("auto", True, 1, "nccl"), ("auto", True, 2, "nccl"), ("auto", False, 1, "ring"), ("ring", True, 1, "ring"),
+    ("nccl", True, 1, "nccl"),
+    ("auto", True, 0.5, "ring"),  # workers sharing a GPU: NCCL would refuse the duplicate device
+])
+def test_auto_collective_is_nccl_between_workers_with_gpus_of_their_own(requested, use_gpu, gpus, expected):
+    assert devices.collective(requested, use_gpu, gpus) == expected
+
+
+def test_nccl_between_workers_that_share_a_gpu_is_refused_before_work():
+    with pytest.raises(ConfigError, match=r"collective=nccl with scaling.gpus_per_worker=0.5: .*Duplicate GPU"):
+        load_config(None, ["scaling.use_gpu=true", "scaling.gpus_per_worker=0.5", "scaling.num_workers=2",
+                           "scaling.collective=nccl"])
+    load_config(None, ["scaling.use_gpu=true", "scaling.gpus_per_worker=0.5", "scaling.collective=nccl"])
 
 
 def test_execution_settings_follow_the_config_not_the_worker():

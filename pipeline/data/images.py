@@ -11,15 +11,21 @@ import re
 import warnings
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
+
+from pipeline import InputError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+# Raised when decode_image gives other pixels for the same file: shards built before are stale.
+DECODE_VERSION = 2
+DECODE_CHANGES = {2: "photos are turned upright as their EXIF orientation says"}
 
 # A truncated file must fail loudly rather than decode into grey padding.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
-class UnreadableImage(ValueError):
+class UnreadableImage(InputError):
     """The bytes are not a decodable image; ``str(error)`` is the reason recorded in reports."""
 
 
@@ -37,7 +43,8 @@ def is_image_path(path: str) -> bool:
 def decode_image(data: bytes, image_size: int) -> np.ndarray:
     """Bytes of any PIL-readable image -> uint8 array (image_size, image_size, 3), RGB.
 
-    Any mode becomes RGB: palette and grayscale are expanded, alpha is composited on black
+    The picture is turned upright first, as its EXIF orientation says (phones and cameras store
+    the sensor's pixels and record the turn). Any mode becomes RGB: palette and grayscale are expanded, alpha is composited on black
     (what a dropped alpha channel shows), CMYK converted, 16-bit scaled to 8-bit. The resize is
     a plain bicubic resize to a square, as the original tutorial's ``img.resize((32, 32))``.
     """
@@ -48,7 +55,7 @@ def decode_image(data: bytes, image_size: int) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
                 image.load()
-                rgb = _to_rgb(image)
+                rgb = _to_rgb(upright(image))
     except UnreadableImage:
         raise
     except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError...)
@@ -58,6 +65,15 @@ def decode_image(data: bytes, image_size: int) -> np.ndarray:
     if rgb.size != (image_size, image_size):
         rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
     return np.asarray(rgb, dtype=np.uint8)
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """``image`` turned as its EXIF orientation tag (2-8) says; unchanged without one. A damaged
+    EXIF block leaves the stored pixels as they are: the picture itself is still good."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # PIL parses EXIF lazily; a malformed block raises many types
+        return image
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -29,15 +29,16 @@ from typing import Iterator, Sequence
 import numpy as np
 
 import pipeline
-from pipeline import storage
+from pipeline import InputError, storage
 from pipeline.config import saved_dict, to_yaml
+from pipeline.data.images import DECODE_VERSION
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
 PIXEL_FORMAT = "uint8 HWC RGB, row-major, in the binary column 'image'"
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError):
     """Preprocessed data is missing, unreadable or from an incompatible version."""
 
 
@@ -142,6 +143,7 @@ def write_manifest(output: str, config, source, *, config_fingerprint: str, buil
     written = sum(split["rows"] for split in splits.values())
     raw = {
         "schema_version": SCHEMA_VERSION,
+        "decode_version": DECODE_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source": source.describe(),
         "source_fingerprint": source.fingerprint,

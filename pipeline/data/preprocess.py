@@ -1,7 +1,8 @@
 """The preprocess stage: source items -> train/val/test split -> Ray Data decode -> Parquet shards + manifest.
 
     run_preprocess(config)          build (or reuse) <data.output>/manifest.json and its shards
-    ensure_preprocessed(config)     the same, for stages that need the data (never forces a rebuild)
+    ensure_preprocessed(config)     for stages that read the data: a current build as it is, without
+                                    opening the source; built only when there is none
 
 Layout of ``data.output`` (local path or s3://, gs://):
     manifest.json                          written LAST and atomically: the commit point
@@ -13,7 +14,7 @@ an older build keeps it (``pipeline.data.manifest.lease``). Readers only open th
 manifest lists.
 
 Rebuilding is skipped when the manifest's source fingerprint and data-config fingerprint match:
-a re-run (or ``pipeline train``) costs a listing of the source, not a decode.
+a re-run costs a listing of the source, not a decode.
 """
 
 from __future__ import annotations
@@ -29,13 +30,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import storage
+from pipeline import InputError, storage
 from pipeline.config import Config, DataConfig, fingerprint
 from pipeline.data.cifar import cifar_pixels
-from pipeline.data.images import UnreadableImage, decode_image
+from pipeline.data.images import DECODE_CHANGES, DECODE_VERSION, UnreadableImage, decode_image
 from pipeline.data.manifest import (MANIFEST_NAME, SCHEMA_VERSION, Manifest, arrow_pixels, collect_garbage, lease,
                                     shard_relative_path, write_manifest)
-from pipeline.data.sources import Item, Source, resolve_source
+from pipeline.data.sources import Item, Source, SourceError, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +57,28 @@ ROW_GROUP_BYTES = 32 * 2**20
 SHARD_AFFECTING_KEYS = ("image_size", "val_fraction", "split_method", "split_seed",
                         "rows_per_shard", "max_failed_fraction", "max_images_per_class")
 
-class PreprocessError(ValueError):
+class PreprocessError(InputError):
     """The build failed for a reason the user can act on (too many unreadable files, no images)."""
 
 
 # ---------------------------------------------------------------- entry points
 
 def ensure_preprocessed(config: Config) -> Manifest:
-    """The preprocessed data for ``config``: reused when current, built otherwise."""
+    """The preprocessed data for a stage that reads it (train, tune and each of its trials).
+
+    A build in ``data.output`` made with the same data config is used as it is, without touching
+    the source: on a cluster it may be on another node, a download away, or gone, and listing or
+    hashing it at every start costs minutes at scale. Changes to the source itself are the
+    preprocess stage's business (``pipeline preprocess`` compares its fingerprint). Without a
+    current build, it is built here, which needs the source."""
+    output = storage.absolute(config.data.output)
+    existing = _read_manifest(output)
+    if existing is not None:
+        stale = why_stale_for_config(existing, config.data)
+        if stale is None:
+            log.info(f"using the preprocessed data at {output} (built {existing.get('created')} from "
+                     f"{existing.get('source', {}).get('spec')}; `pipeline preprocess` picks up changes to the source)")
+            return Manifest(output, existing)
     return run_preprocess(config, force=False)
 
 
@@ -72,13 +87,20 @@ def run_preprocess(config: Config, force: bool = False) -> Manifest:
     started = time.perf_counter()
     data = config.data
     output = storage.absolute(data.output)
-    source = resolve_source(data)
+    existing = _read_manifest(output)
+    stale = "--force" if force else (why_stale_for_config(existing, data) if existing is not None else None)
+    try:
+        source = resolve_source(data)
+    except SourceError as error:
+        if existing is None:
+            raise
+        raise SourceError(f"the preprocessed data at {output} must be rebuilt ({stale or 'to compare the source'}), "
+                          f"which needs the source: {error}") from None
     timings = {"source_seconds": time.perf_counter() - started}  # download, extraction, listing
     config_fingerprint = data_config_fingerprint(data)
 
-    existing = _read_manifest(output)
     if existing is not None and not force:
-        stale = _why_stale(existing, source, config_fingerprint, data)
+        stale = stale or _why_source_changed(existing, source)
         if stale is None:
             log.info(f"reusing preprocessed data at {output} (same source and config; pass --force to rebuild)")
             return Manifest(output, existing)
@@ -141,13 +163,15 @@ def _read_manifest(output: str) -> Optional[dict]:
         return None  # unreadable: treated as absent, the build below replaces it
 
 
-def _why_stale(existing: dict, source: Source, config_fingerprint: str, data: DataConfig) -> Optional[str]:
-    """None when the existing build can be reused, else the reason to rebuild."""
+def why_stale_for_config(existing: dict, data: DataConfig) -> Optional[str]:
+    """None when the existing build holds what ``data`` asks for (read from the manifest and the
+    shard listing alone, never the source), else the reason to rebuild."""
     if existing.get("schema_version") != SCHEMA_VERSION:
         return f"schema_version {existing.get('schema_version')} != {SCHEMA_VERSION}"
-    if existing.get("source_fingerprint") != source.fingerprint:
-        return "the source changed"
-    if existing.get("config_fingerprint") != config_fingerprint:
+    if existing.get("decode_version", 1) != DECODE_VERSION:
+        return (f"its images were decoded by an older version (decode version {existing.get('decode_version', 1)} "
+                f"-> {DECODE_VERSION}: {DECODE_CHANGES[DECODE_VERSION]})")
+    if existing.get("config_fingerprint") != data_config_fingerprint(data):
         before = existing.get("data_config") or {}
         changed = [f"{key} {before.get(key)!r} -> {getattr(data, key)!r}"
                    for key in ("source",) + SHARD_AFFECTING_KEYS if before.get(key) != getattr(data, key)]
@@ -158,6 +182,10 @@ def _why_stale(existing: dict, source: Source, config_fingerprint: str, data: Da
             if not storage.exists(storage.join(output, *shard["path"].split("/"))):
                 return f"shard {shard['path']} is missing"
     return None
+
+
+def _why_source_changed(existing: dict, source: Source) -> Optional[str]:
+    return None if existing.get("source_fingerprint") == source.fingerprint else "the source changed"
 
 
 # ---------------------------------------------------------------- split

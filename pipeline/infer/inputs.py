@@ -12,7 +12,7 @@ from typing import Iterator, Optional
 import numpy as np
 import pyarrow.fs as pafs
 
-from pipeline import storage
+from pipeline import InputError, NotFound, storage
 from pipeline.data.images import IMAGE_EXTENSIONS, is_hidden, is_image_path
 
 GLOB_CHARACTERS = "*?["
@@ -36,7 +36,7 @@ def resolve_inputs(input: str) -> tuple[list[str], Optional[str]]:
     """(paths, label root): the root is the folder whose first level names the classes, or None
     when the parent folder of each file is used (file lists, single files)."""
     if input is None or not str(input).strip():
-        raise ValueError("no input given: set --input (or infer.input) to an image, a directory, "
+        raise InputError("no input given: set --input (or infer.input) to an image, a directory, "
                          "a glob, a .txt file list or an s3:// prefix")
     input = str(input).strip()
     scheme = scheme_of(input)
@@ -46,7 +46,7 @@ def resolve_inputs(input: str) -> tuple[list[str], Optional[str]]:
         fs, inner = storage.filesystem(input)
         kind = fs.get_file_info(inner).type
         if kind == pafs.FileType.NotFound:
-            raise FileNotFoundError(f"input not found: {input}")
+            raise NotFound(f"input not found: {input}")
         if kind == pafs.FileType.Directory:
             root = inner.rstrip("/") or "/"
             paths = [scheme + path for path in _walk(fs, root)]
@@ -57,10 +57,10 @@ def resolve_inputs(input: str) -> tuple[list[str], Optional[str]]:
             root = None
             paths = [scheme + inner]
         else:
-            raise ValueError(f"input {input} is not an image ({', '.join(IMAGE_EXTENSIONS)}), "
+            raise InputError(f"input {input} is not an image ({', '.join(IMAGE_EXTENSIONS)}), "
                              "a directory, a glob or a .txt file list")
     if not paths:
-        raise ValueError(f"no images found in {input}: looked for files ending in "
+        raise InputError(f"no images found in {input}: looked for files ending in "
                          f"{', '.join(IMAGE_EXTENSIONS)} (any case; hidden files skipped)")
     return sorted(set(paths)), root
 
@@ -92,7 +92,7 @@ def _glob(pattern: str, scheme: str) -> tuple[list[str], str]:
                           if any(character in part for character in GLOB_CHARACTERS))
     base = "/".join(parts[:first_wildcard]) or "/"
     if fs.get_file_info(base).type != pafs.FileType.Directory:
-        raise FileNotFoundError(f"input not found: {pattern} (folder {scheme}{base} does not exist)")
+        raise NotFound(f"input not found: {pattern} (folder {scheme}{base} does not exist)")
     regex = _glob_regex(inner)
     return [scheme + path for path in _walk(fs, base, keep=regex.match)], base
 

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from pipeline import PipelineError, storage
+from pipeline import InputError, PipelineError, storage
 from pipeline.infer.predictor import ERROR_SCHEMA
 
 TOP5 = 5  # top-5 accuracy is reported whatever infer.top_k is (the original recipe's second metric)
@@ -49,11 +49,11 @@ def output_layout(output: str) -> OutputLayout:
     _check_parents_are_folders(output)
     extension = posixpath.splitext(posixpath.basename(output))[1].lower()
     if extension in OTHER_FILE_EXTENSIONS and not storage.is_dir(output):
-        raise ValueError(f"output {output} names a {extension} file, which predictions cannot be written as: "
+        raise InputError(f"output {output} names a {extension} file, which predictions cannot be written as: "
                          "name a .csv or .parquet file, or a directory (no extension) for Parquet parts")
     if lower.endswith((".csv", ".parquet", ".pq")):
         if storage.is_dir(output):
-            raise ValueError(f"output {output} is a directory; name a new .csv/.parquet file, "
+            raise InputError(f"output {output} is a directory; name a new .csv/.parquet file, "
                              "or a path without those extensions for a directory of Parquet parts")
         stem = output[: output.rfind(".")]
         return OutputLayout(
@@ -65,13 +65,13 @@ def output_layout(output: str) -> OutputLayout:
             staging=storage.join(posixpath.dirname(output), f".{posixpath.basename(output)}.staging-{run_id}"),
         )
     if storage.exists(output) and not storage.is_dir(output):
-        raise ValueError(f"output {output} is an existing file; predictions go to a .csv, a .parquet "
+        raise InputError(f"output {output} is an existing file; predictions go to a .csv, a .parquet "
                          "or a directory")
     ours = {"predictions", "errors.csv", "summary.json", "confusion_matrix.png"}
     others = [name for name in storage.list_dir(output) if name not in ours and not name.startswith(".staging-")]
     if others:
         # Never mix predictions into (or later replace parts of) a folder that holds something else.
-        raise ValueError(f"output directory {output} already holds other files ({', '.join(others[:5])}); "
+        raise InputError(f"output directory {output} already holds other files ({', '.join(others[:5])}); "
                          "pass a new or empty directory, or a .csv/.parquet file")
     return OutputLayout(
         kind="directory",
@@ -118,7 +118,7 @@ def _check_parents_are_folders(output: str) -> None:
     while parent and not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if parent and not os.path.isdir(parent):
-        raise ValueError(f"output {output} is below {parent}, which is a file, not a folder")
+        raise InputError(f"output {output} is below {parent}, which is a file, not a folder")
 
 
 def _move_parts(source: str, target: str) -> None:

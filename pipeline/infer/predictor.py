@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 import pipeline  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TensorFlow)
-from pipeline import storage
+from pipeline import InputError, NotFound, storage
 from pipeline.data.images import UnreadableImage, decode_image
 from pipeline.infer.inputs import scheme_of
 
@@ -156,7 +156,7 @@ class Predictor:
         images = batch["image"]
         expected = (self.image_size, self.image_size, 3)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"images must have shape (batch, {', '.join(map(str, expected))}) for this model, "
+            raise InputError(f"images must have shape (batch, {', '.join(map(str, expected))}) for this model, "
                              f"got {images.shape}")
         if len(images):
             # One compiled forward pass on exactly this batch: no per-call dataset or callbacks as
@@ -201,7 +201,7 @@ def predict_image(model_path: str, image_path: str, top_k: int = 5) -> dict:
     from pipeline.models.saving import load_model
 
     if not storage.exists(image_path):
-        raise FileNotFoundError(f"image not found: {image_path}")
+        raise NotFound(f"image not found: {image_path}")
     _, metadata = read_model_metadata(model_path)
     try:
         pixels = decode_image(storage.read_bytes(image_path), int(metadata["image_size"]))

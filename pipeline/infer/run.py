@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 import pipeline
-from pipeline import storage
+from pipeline import InputError, NotFound, storage
 from pipeline.config import Config
 from pipeline.infer.inputs import folders_not_in_classes, labels_from_folders, resolve_inputs
 from pipeline.infer.outputs import (accuracy_report, check_complete, finish_predictions, output_layout,
@@ -94,9 +94,9 @@ def run_inference(config: Config, address: Optional[str] = None) -> dict:
     settings = config.infer
     started = time.perf_counter()
     if not settings.model:
-        raise ValueError("no model given: set --model (or infer.model) to an export, checkpoint or run folder")
+        raise InputError("no model given: set --model (or infer.model) to an export, checkpoint or run folder")
     if not settings.output:
-        raise ValueError("no output given: set --output (or infer.output) to predictions.csv, "
+        raise InputError("no output given: set --output (or infer.output) to predictions.csv, "
                          "predictions.parquet or a directory (a single image without --output is "
                          "classified and printed instead)")
     layout = output_layout(settings.output)

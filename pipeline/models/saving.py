@@ -28,7 +28,7 @@ import os
 import tempfile
 
 import pipeline  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
-from pipeline import storage
+from pipeline import InputError, NotFound, storage
 
 FORMAT_VERSION = 1
 INPUT_SPEC = "float32 (batch, image_size, image_size, 3) RGB pixels in [0, 255]"
@@ -153,7 +153,7 @@ def find_model_dir(path: str) -> str:
     """Resolve an export, checkpoint or run folder to the folder holding ``metadata.json``."""
     path = storage.absolute(path)
     if not storage.exists(path):
-        raise FileNotFoundError(f"model path does not exist: {path}")
+        raise NotFound(f"model path does not exist: {path}")
     if storage.exists(storage.join(path, "metadata.json")):
         return path
     if storage.exists(storage.join(path, "export", "metadata.json")):
@@ -161,7 +161,7 @@ def find_model_dir(path: str) -> str:
     checkpoints = [name for name in storage.list_dir(path) if name.startswith("checkpoint_")]
     hint = (f"; it has checkpoints ({', '.join(checkpoints[-3:])}): pass one of them" if checkpoints
             else "; pass an export folder (<run>/export), a checkpoint folder or a finished run folder")
-    raise FileNotFoundError(f"no model at {path}: no metadata.json and no export/ inside{hint}")
+    raise NotFound(f"no model at {path}: no metadata.json and no export/ inside{hint}")
 
 
 def load_model(path: str):
@@ -175,7 +175,7 @@ def load_model(path: str):
         return load_keras_archive(storage.join(folder, "model.keras")), metadata
     problem = checkpoint_problem(*storage.filesystem(folder))
     if problem:
-        raise ValueError(f"checkpoint {folder} is incomplete ({problem}): its upload failed part-way or is "
+        raise InputError(f"checkpoint {folder} is incomplete ({problem}): its upload failed part-way or is "
                          f"still running; use another checkpoint of the run, or the run's export")
     model = create_model(
         ModelConfig(**metadata["model"]),

@@ -48,10 +48,12 @@ def local_gpus(scaling, rank: int) -> list:
     return gpus
 
 
-def collective(requested: str, use_gpu: bool) -> str:
-    """``auto`` -> NCCL between GPU workers (TensorFlow's own AUTO never picks it), ring (gRPC) on CPUs."""
+def collective(requested: str, use_gpu: bool, gpus_per_worker: float = 1.0) -> str:
+    """``auto`` -> NCCL between GPU workers (TensorFlow's own AUTO never picks it), ring (gRPC) on
+    CPUs and between workers that hold a fraction of a GPU: Ray packs those onto one GPU, and NCCL
+    refuses two ranks on one device ("Duplicate GPU detected")."""
     if requested == "auto":
-        return "nccl" if use_gpu else "ring"
+        return "nccl" if use_gpu and gpus_per_worker >= 1 else "ring"
     return requested
 
 

@@ -13,6 +13,7 @@ Ray Train splits the dataset into equal shards and we drop each shard's last par
 
 from __future__ import annotations
 
+import zlib
 from typing import Optional
 
 import numpy as np
@@ -92,23 +93,35 @@ def shard_to_dataset(shard, *, image_size: int, num_classes: int, batch_size: in
 
 
 def shard_batches(shard, *, image_size: int, batch_size: int, shuffle_buffer_size: int = 0,
-                  shuffle_seed: Optional[int] = None, drop_remainder: bool = True):
+                  shuffle_seed: Optional[int] = None, drop_remainder: bool = True,
+                  part: Optional[tuple[int, int]] = None):
     """(uint8 images, int32 labels) batches of the shard, shuffled through a local buffer.
 
     Whole Arrow blocks come from Ray, not Ray's batches: one Python step per block, and the pixels
     are a view of the block's buffer (no Python object per row, no local shuffle on Arrow tables).
-    Shuffling and cutting into batches are then a few vectorised numpy copies per batch."""
+    Shuffling and cutting into batches are then a few vectorised numpy copies per block.
+    ``part=(index, count)``: only the rows that ``in_part`` gives to that part."""
     rows = RowShuffler(shuffle_buffer_size, np.random.default_rng(shuffle_seed)) if shuffle_buffer_size else None
     batches = Rebatcher(batch_size)
     for block in shard.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
         chunk = (images_from_column(block.column("image"), image_size),
                  block.column("label").to_numpy().astype(np.int32))
+        if part is not None and part[1] > 1:
+            keep = in_part(block.column("id"), *part)
+            chunk = (chunk[0][keep], chunk[1][keep])
         yield from batches.add(*(rows.add(*chunk) if rows else chunk))
     if rows:
         yield from batches.add(*rows.drain())
     rest = batches.rest()
     if rest is not None and not drop_remainder:
         yield rest
+
+
+def in_part(ids, index: int, count: int) -> np.ndarray:
+    """Mask of the rows whose id hashes to part ``index`` of ``count``: every row falls to exactly
+    one part by its id alone, whatever order (and block boundaries) the rows arrive in."""
+    return np.fromiter((zlib.crc32(str(row_id).encode()) % count == index for row_id in ids.to_pylist()),
+                       dtype=bool, count=len(ids))
 
 
 class RowShuffler:

@@ -54,7 +54,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if config.train.seed is not None:
         keras.utils.set_random_seed(config.train.seed)  # same initial weights on every worker
 
-    collective = devices.collective(scaling.collective, scaling.use_gpu)
+    collective = devices.collective(scaling.collective, scaling.use_gpu, scaling.gpus_per_worker)
     strategy = devices.make_strategy(collective)
     local_replicas = replicas_per_worker(config)
     if strategy.num_replicas_in_sync != world_size * local_replicas:
@@ -194,16 +194,17 @@ def finish(weights, config, dataset_info, metadata, run_dir, strategy, rank: int
 
 def evaluate_split(model, shard, strategy, rank: int, world_size: int, *, image_size: int, batch_size: int) -> dict:
     """Loss, accuracy and top-5 accuracy of ``model`` over every row of an unsplit dataset: each
-    worker reads all of it and predicts every world_size-th batch (all cores busy, not rank 0's
-    share alone), then one all-reduce adds up the sums. The metrics are Keras' own
-    (CategoricalCrossentropy on probabilities, CategoricalAccuracy, TopKCategoricalAccuracy)."""
+    worker reads all of it and predicts the rows whose id falls to its rank (all cores busy, not
+    rank 0's share alone), then one all-reduce adds up the sums. Shared out by row id, not by batch
+    number: Ray Data delivers blocks as read tasks finish, in an order that differs between
+    workers. The metrics are Keras' own (CategoricalCrossentropy on probabilities,
+    CategoricalAccuracy, TopKCategoricalAccuracy)."""
     sums = np.zeros(4)  # loss, top-1 hits, top-5 hits, rows
     predict = predict_function(model)
-    for index, (images, labels) in enumerate(inputs.shard_batches(shard, image_size=image_size,
-                                                                   batch_size=batch_size, drop_remainder=False)):
-        if index % world_size == rank:
-            probabilities = predict(images.astype(np.float32)).numpy().astype(np.float64)
-            sums += classification_sums(probabilities, labels)
+    for images, labels in inputs.shard_batches(shard, image_size=image_size, batch_size=batch_size,
+                                               drop_remainder=False, part=(rank, world_size)):
+        probabilities = predict(images.astype(np.float32)).numpy().astype(np.float64)
+        sums += classification_sums(probabilities, labels)
     # Each local replica contributes the worker's sums once: divide the replicas back out.
     local_replicas = strategy.num_replicas_in_sync // world_size
     totals = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(sums)), axis=None)

@@ -112,7 +112,8 @@ def _train(config: Config, manifest, callbacks, start_from) -> dict:
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                                resources_per_worker=resources),
         datasets=datasets,
-        # train and val are split across workers; "<split>_full" is read whole by rank 0 at the end.
+        # train and val are split across workers; "<split>_full" is read whole by every worker at the
+        # end, each evaluating the rows that fall to it by id (loop.evaluate_split).
         dataset_config=ray.train.DataConfig(datasets_to_split=[s for s in ("train", "val") if s in datasets]),
         run_config=ray.train.RunConfig(
             # The filesystem this package reads and writes the run folder with, given to Ray Train

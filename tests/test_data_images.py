@@ -1,0 +1,59 @@
+"""pipeline.data.images: the one decode every stage uses (preprocess, batch inference, one image)."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.data.images import decode_image
+
+ORIENTATION_TAG = 0x0112
+
+
+def upright_picture() -> np.ndarray:
+    """A landscape picture (24 high, 48 wide) that shows which way is up: a red top-left corner,
+    a green bottom-right one, the rest grey."""
+    pixels = np.full((24, 48, 3), 128, np.uint8)
+    pixels[:12, :16] = (255, 0, 0)
+    pixels[12:, 32:] = (0, 255, 0)
+    return pixels
+
+
+# What a camera stores for each EXIF orientation: the upright picture turned the other way, so
+# that applying the tag gives the upright picture back.
+STORED = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}
+
+
+def jpeg(image: Image.Image, orientation=None) -> bytes:
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[ORIENTATION_TAG] = orientation
+    image.save(buffer, format="JPEG", quality=95, exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_photos_are_decoded_upright_as_their_exif_orientation_says(orientation):
+    upright = Image.fromarray(upright_picture())
+    stored = upright.transpose(STORED[orientation])
+    if orientation in (6, 8):
+        assert stored.size == (24, 48)  # a portrait as stored: the sensor's pixels
+    expected = decode_image(jpeg(upright), 16)
+    decoded = decode_image(jpeg(stored, orientation), 16)
+    # The same picture, up to JPEG's rounding of differently laid out blocks.
+    assert np.abs(decoded.astype(int) - expected.astype(int)).mean() < 4
+    assert tuple(decoded[1, 1].astype(int)) == pytest.approx((255, 0, 0), abs=40)  # red stays top-left
+    assert tuple(decoded[-2, -2].astype(int)) == pytest.approx((0, 255, 0), abs=40)  # green bottom-right
+    # Without the tag the same bytes are the picture on its side (or upside down).
+    stored_only = decode_image(jpeg(stored), 16)
+    assert np.abs(stored_only.astype(int) - expected.astype(int)).mean() > 30
+
+
+def test_a_damaged_exif_block_keeps_the_stored_pixels():
+    picture = Image.fromarray(upright_picture())
+    good = jpeg(picture, orientation=1)
+    # Orientation 1 is upright already; an out-of-range tag is ignored rather than refused.
+    np.testing.assert_array_equal(decode_image(good, 16), decode_image(jpeg(picture), 16))
+    np.testing.assert_array_equal(decode_image(jpeg(picture, orientation=99), 16), decode_image(jpeg(picture), 16))
