@@ -112,25 +112,36 @@ def run(args) -> int:
     if args.command == "config":
         print(describe() if args.keys else to_yaml(config), end="\n")
         return 0
-    if args.command == "preprocess":
-        from pipeline.data.preprocess import run_preprocess, summarize
+    if args.command in ("preprocess", "train", "tune"):
+        from pipeline import preflight
+        from pipeline.data.preprocess import ensure_preprocessed, run_preprocess, source_to_build, summarize
 
-        connect_and_check(config, args)
-        print(summarize(run_preprocess(config, force=args.force)))
-        return 0
-    if args.command == "train":
-        from pipeline.train.run import run_training
+        if args.command == "tune":
+            from pipeline.tune.search import check_search
 
-        connect_and_check(config, args, num_cpus=runtime.local_cpus_for_training(config))
-        print_training_summary(run_training(config))
-        return 0
-    if args.command == "tune":
-        from pipeline.tune.search import check_search, run_search
+            check_search(config)
+        # Before Ray starts: a cluster address where nothing answers, bad outputs, and a missing,
+        # empty or damaged source, each fail in a second.
+        runtime.check_address(args.address)
+        preflight.check_before_ray(config, args.command)
+        force = getattr(args, "force", False)
+        source = source_to_build(config, args.command, force)
+        if args.command == "preprocess":
+            connect_and_check(config, args)
+            print(summarize(run_preprocess(config, force=force, source=source)))
+            return 0
+        trials = runtime.local_trials(config) if args.command == "tune" else 1
+        connect_and_check(config, args, num_cpus=runtime.local_cpus_for_training(config, trials))
+        if source is not None:
+            ensure_preprocessed(config, source)  # built once here; the stage then finds it current
+        if args.command == "train":
+            from pipeline.train.run import run_training
 
-        check_search(config)  # a bad search space fails here, before Ray starts
-        connect_and_check(config, args,
-                          num_cpus=runtime.local_cpus_for_training(config, runtime.local_trials(config)))
-        print_search_summary(run_search(config))
+            print_training_summary(run_training(config))
+        else:
+            from pipeline.tune.search import run_search
+
+            print_search_summary(run_search(config))
         return 0
     if args.command == "predict":
         from pipeline.infer import predict_image, run_inference
@@ -143,6 +154,7 @@ def run(args) -> int:
                 raise InputError("no model given: set --model (or infer.model) to an export, checkpoint or run folder")
             print_image_prediction(predict_image(settings.model, settings.input, settings.top_k))
             return 0
+        runtime.check_address(args.address)
         print_inference_summary(run_inference(config, args.address))  # checks its inputs, then connects
         return 0
     raise AssertionError(args.command)

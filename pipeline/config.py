@@ -305,8 +305,13 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     recipe = "default"
     if path is not None:
         file = Path(path)
+        if file.is_dir():
+            raise ConfigError(f"--config {path} is a folder; give a recipe file in it, e.g. "
+                              f"{file / 'fast.yaml'}" if any(file.glob('*.yaml')) else
+                              f"--config {path} is a folder; give a recipe file, e.g. configs/fast.yaml")
         if not file.is_file():
-            raise ConfigError(f"config file not found: {path}")
+            nearby = [str(f) for f in file.parent.glob("*.y*ml")] if file.parent.is_dir() else []
+            raise ConfigError(f"config file not found: {path}{did_you_mean(str(file), nearby)}")
         try:
             loaded = yaml.safe_load(file.read_text())
         except yaml.YAMLError as error:
@@ -480,6 +485,18 @@ def validate(config: Config) -> None:
         values = getattr(config, section.name)
         for f in dataclasses.fields(values):
             _check_rules(f"{section.name}.{f.name}", getattr(values, f.name), f.metadata)
+    for dotted in PATH_KEYS:
+        section, key = dotted.split(".")
+        if getattr(getattr(config, section), key) == "":
+            raise ConfigError(f"config key '{dotted}' is empty: give a path"
+                              + (" (or 'cifar10' to download CIFAR-10)" if dotted == "data.source" else "")
+                              + ("" if section != "infer" else ", or leave it out"))
+    for dotted in ("run.name", "tune.name"):
+        section, key = dotted.split(".")
+        name = getattr(getattr(config, section), key)
+        if name is not None and (not name.strip() or "/" in name or "\\" in name or name in (".", "..")):
+            raise ConfigError(f"config key '{dotted}' must be one folder name (no '/', not '.' or '..'), "
+                              f"got {name!r}")
     train = config.train
     if (train.global_batch_size is None) == (train.per_worker_batch_size is None):
         raise ConfigError("set exactly one of train.global_batch_size and train.per_worker_batch_size "

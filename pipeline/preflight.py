@@ -1,5 +1,8 @@
 """Checks before any work that depend on where a stage runs, not on the config alone.
 
+``check_before_ray`` runs first, without a cluster: every folder the stage writes into can be
+written (not a file, not below one, not a read-only place). ``check`` runs once Ray is up:
+
 * On a cluster of several nodes (or one an autoscaler may grow), every node must reach the shards,
   runs, searches and inference files: Ray Train workers, Ray Data tasks and model actors run on
   whichever node Ray picks. A local path there fails late (Ray Train's storage check after an
@@ -121,6 +124,14 @@ def _job_working_dir() -> Optional[str]:
 def _value(config: Config, dotted: str):
     section, key = dotted.split(".", 1)
     return getattr(getattr(config, section), key)
+
+
+def check_before_ray(config: Config, stage: str) -> None:
+    """What can be refused without a cluster: every folder the stage writes into can be written."""
+    for key in OUTPUT_PATHS:
+        if key in SHARED_PATHS[stage] and key != "infer.output":  # predict checks its own output's layout
+            value = _value(config, key)
+            storage.check_writable_folder(value, f"{key}={value}")
 
 
 def check(config: Config, stage: str, facts: ClusterFacts) -> None:

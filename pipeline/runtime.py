@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 
 import ray
 
-from pipeline import TENSORFLOW_ENV, PipelineError, Stopped
+from pipeline import TENSORFLOW_ENV, InputError, PipelineError, Stopped
 
 WORKER_ENV_VARS = {
     **TENSORFLOW_ENV,
@@ -108,19 +109,44 @@ def _raise_stopped(signum, frame):
 INGEST_CPUS = 2
 
 
+def check_address(address: str | None = None) -> str | None:
+    """The cluster's GCS address (host:port) when ``address`` / ``RAY_ADDRESS`` names one and a TCP
+    connect reaches it, else InputError at once: a port where nothing listens took ``ray.init``
+    ~45 s of retries before "Timed out while waiting for GCS". None for a local Ray, Ray Client
+    (``ray://``, whose server does the handshake) or ``auto`` with no cluster here (``ray.init``
+    says so). Cheap: the CLI calls it before any other work."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    given = f"--address {address}" if address else f"RAY_ADDRESS={os.environ.get('RAY_ADDRESS')}"
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address or address.startswith("ray://"):
+        return None
+    try:
+        gcs_address = canonicalize_bootstrap_address(address)
+    except ValueError as error:
+        raise InputError(f"{given} is not a Ray cluster address ({error}): give the head's host:port "
+                         f"(port 6379 unless the head was started with another), auto, or ray://host:10001") from None
+    except Exception:  # noqa: BLE001 - e.g. auto with no cluster on this machine
+        return None
+    if not gcs_address:
+        return None
+    host, _, port = gcs_address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError) as error:
+        raise InputError(f"{given}: no Ray cluster answers at {gcs_address} "
+                         f"({getattr(error, 'strerror', None) or error}); start it (ray start --head) or "
+                         f"correct the address") from None
+    return gcs_address
+
+
 def check_joinable(address: str) -> None:
     """Ask the cluster's GCS once, before ``ray.init``, whether it takes us. A refused token is
     answered at once, but ``ray.init`` retries it for ~30 s of repeated InvalidAuthToken warnings
-    before a bare ConnectionError; an unreachable address is tried once here, not twice."""
-    from ray._private.services import canonicalize_bootstrap_address
+    before a bare ConnectionError."""
     from ray._raylet import GcsClient
 
-    if address.startswith("ray://"):
-        return  # Ray Client: its server does the handshake, and ray.init reports it
-    try:
-        gcs_address = canonicalize_bootstrap_address(address)
-    except Exception:  # noqa: BLE001 - a malformed or unresolvable address: ray.init says so
-        return
+    gcs_address = check_address(address)
     if gcs_address:
         try:
             GcsClient(address=gcs_address)

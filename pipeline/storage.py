@@ -18,11 +18,14 @@ import json
 import os
 import posixpath
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Iterator
 
 import pyarrow.fs as pafs
+
+from pipeline import InputError
 
 
 def is_uri(path: str) -> bool:
@@ -64,6 +67,25 @@ def exists(path: str) -> bool:
 def is_dir(path: str) -> bool:
     fs, inner = filesystem(path)
     return fs.get_file_info(inner).type == pafs.FileType.Directory
+
+
+def check_writable_folder(path: str, named: str) -> None:
+    """Refuse, before any work, a local ``path`` that cannot become a folder this process writes
+    into: an existing file, a path below a file, or a place where no file can be made (``/proc``,
+    a read-only mount). ``named`` is how the message names it (``data.output=...``). A URI is
+    left to its store, which answers only when written to."""
+    if is_uri(path):
+        return
+    path = absolute(path)
+    existing = path
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise InputError(f"{named}: {existing} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=existing))
+    except OSError as error:
+        raise InputError(f"{named}: nothing can be written in {existing} ({error.strerror or error})") from None
 
 
 def makedirs(path: str) -> None:

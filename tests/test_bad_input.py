@@ -5,13 +5,15 @@ damaged images have their own detailed tests in test_data_archives.py, test_data
 test_data_sources.py and test_infer.py; the data-stage cases here call the check the stage runs
 first (``resolve_source``)."""
 
+import json
 import os
+import shutil
 import tarfile
 import zipfile
 
 import pytest
 
-from pipeline import cli
+from pipeline import cli, runtime
 from pipeline.config import load_config
 from pipeline.data.sources import resolve_source
 
@@ -47,6 +49,23 @@ def place(tmp_path_factory):
     from PIL import Image
 
     Image.new("RGB", (8, 8), "red").save(root / "images" / "cat" / "a.png")
+    (root / "not-really.png").write_bytes(b"\x89PNG\r\n\x1a\n but then nothing of a picture")
+    # One class is no classifier (it used to be taken for a wrapper folder and stepped into).
+    (root / "one-class" / "airplane").mkdir(parents=True)
+    Image.new("RGB", (8, 8), "blue").save(root / "one-class" / "airplane" / "a.png")
+    with tarfile.open(root / "empty.tar.gz", "w:gz"):
+        pass
+    # A copy of the export cut short, as an interrupted download leaves it.
+    shutil.copytree(export, root / "truncated-export")
+    model_file = root / "truncated-export" / "model.keras"
+    model_file.write_bytes(model_file.read_bytes()[:2000])
+    # A checkpoint whose weights file is shorter than its state.json says (an upload cut short).
+    checkpoint = root / "cut-checkpoint"
+    (checkpoint / "tf_checkpoint").mkdir(parents=True)
+    (checkpoint / "tf_checkpoint" / "ckpt.index").write_bytes(b"x" * 100)
+    (checkpoint / "state.json").write_text(json.dumps({"epoch": 1, "files": {"tf_checkpoint/ckpt.index": 4000}}))
+    metadata = json.loads((export / "metadata.json").read_text())
+    (checkpoint / "metadata.json").write_text(json.dumps({**metadata, "kind": "checkpoint"}))
     return root
 
 
@@ -107,16 +126,61 @@ COMMANDS = [
      "--output {root}/predictions.json", 2, r"names a \.json file.*\.csv or \.parquet file"),
     ("an output under a file", "predict --model {root}/export --input {root}/images "
      "--output {root}/text.txt/predictions.csv", 2, r"text.txt"),
+    # Issue 27: each of these used to start Ray, end in a traceback, or name the wrong thing.
+    ("data.output is a file", "train --set data.source={root}/images --set data.output={root}/text.txt", 2,
+     r"data.output=.*text.txt: .*text.txt is a file, not a folder"),
+    ("data.output below a file", "preprocess --set data.source={root}/images --set data.output={root}/text.txt/data",
+     2, r"data.output=.*text.txt/data: .*text.txt is a file, not a folder"),
+    ("run.storage_path is a file", "train --set data.source={root}/one-class --set data.output={root}/out "
+     "--set run.storage_path={root}/text.txt", 2, r"run.storage_path=.*text.txt: .*is a file, not a folder"),
+    ("a truncated model.keras, one image", "predict --model {root}/truncated-export --input {root}/images/cat/a.png",
+     2, r"export .*truncated-export is damaged \(model.keras is not a whole .keras archive"),
+    ("a truncated model.keras, a folder", "predict --model {root}/truncated-export --input {root}/images "
+     "--output {root}/out.csv", 2, r"export .*truncated-export is damaged"),
+    ("a checkpoint cut short, one image", "predict --model {root}/cut-checkpoint --input {root}/images/cat/a.png", 2,
+     r"checkpoint .*cut-checkpoint is incomplete \(tf_checkpoint/ckpt.index has 100 of its 4000 bytes\)"),
+    ("a checkpoint cut short, a folder", "predict --model {root}/cut-checkpoint --input {root}/images "
+     "--output {root}/out.csv", 2, r"checkpoint .*cut-checkpoint is incomplete"),
+    ("an output where nothing can be written", "predict --model {root}/export --input {root}/images "
+     "--output /proc/x.csv", 2, r"^error: output /proc/x.csv: nothing can be written in /proc"),
+    ("a folder as the recipe", "train --config {root}/empty", 2, r"--config .*empty is a folder"),
+    ("a recipe name with a typo", "train --config " + FAST.replace(".yaml", ".yml"), 2,
+     r"config file not found: .*fast.yml; did you mean '.*configs/fast.yaml'"),
+    ("an empty data.source", "train --set data.source= --set data.output={root}/out", 2,
+     r"'data.source' is empty: give a path \(or 'cifar10'"),
+    ("a one-class source", "preprocess --set data.source={root}/one-class --set data.output={root}/out", 2,
+     r"one-class has only one class folder \('airplane'\); a classifier needs at least two"),
+    ("an empty archive", "train --set data.source={root}/empty.tar.gz --set data.output={root}/out "
+     "--set data.cache_dir={root}/cache", 2, r"empty.tar.gz is empty: it holds no files"),
+    ("a missing source", "train --set data.source={root}/nope --set data.output={root}/out", 2,
+     r"data.source=.*nope': no such file or folder"),
+    ("a text file as the source", "preprocess --set data.source={root}/text.txt --set data.output={root}/out", 2,
+     r"is a file but not an archive"),
+    ("a truncated archive", "train --set data.source={root}/truncated.tar.gz --set data.output={root}/out "
+     "--set data.cache_dir={root}/cache", 2, r"truncated.tar.gz"),
+    ("a cluster address where nothing listens", "train --address 127.0.0.1:1 --set data.source={root}/images", 2,
+     r"--address 127.0.0.1:1: no Ray cluster answers at .*:1"),
+    ("the dashboard's URL as the cluster address", "train --address http://127.0.0.1:8265", 2,
+     r"--address http://127.0.0.1:8265 is not a Ray cluster address.*host:port"),
+    ("epochs not a whole number", "train --set train.epochs=5.5", 2, r"'train.epochs' must be an integer, got 5.5"),
+    ("a run name with a slash", "train --set run.name=exp/1", 2, r"'run.name' must be one folder name"),
+    ("an image that is not one", "predict --model {root}/export --input {root}/not-really.png", 2,
+     r"cannot decode image"),
 ]
 
 
 @pytest.mark.parametrize("command, status, message", [case[1:] for case in COMMANDS], ids=[case[0] for case in COMMANDS])
-def test_a_bad_command_line_stops_with_one_clear_line(place, command, status, message, capsys):
+def test_a_bad_command_line_stops_with_one_clear_line(place, command, status, message, capsys, monkeypatch):
     arguments = [part.replace("{root}", str(place)) for part in command.split(" ")]
     if arguments[0] == "tune":  # a search space is one argument with spaces
         key = next(i for i, part in enumerate(arguments) if part.startswith("tune.space="))
         arguments = arguments[:key] + [" ".join(arguments[key:])]
     before = _snapshot(place)
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started (or joined) before the bad input was refused")
+
+    monkeypatch.setattr(runtime, "connect", no_ray)
     assert cli.main(arguments) == status
     stderr = capsys.readouterr().err
     assert "Traceback" not in stderr
@@ -138,6 +202,8 @@ SOURCES = [
     ("a truncated archive", "{root}/truncated.tar.gz", r"truncated.tar.gz"),
     ("a damaged zip", "{root}/not-a-zip.zip", r"cannot read archive .*not-a-zip.zip"),
     ("a zip member escaping the folder", "{root}/dotdot.zip", r"path traversal"),
+    ("an empty archive", "{root}/empty.tar.gz", r"empty.tar.gz is empty: it holds no files"),
+    ("one class folder", "{root}/one-class", r"only one class folder \('airplane'\)"),
 ]
 
 
@@ -148,8 +214,7 @@ def test_a_bad_data_source_is_refused_before_any_work(place, tmp_path, source, m
     with pytest.raises(cli.USAGE_ERRORS, match=message):  # exit status 2 from the command
         resolve_source(config.data)
     assert not (tmp_path / "data").exists()
-    extracted = tmp_path / "cache" / "extracted"
-    assert not extracted.exists() or not [name for name in os.listdir(extracted) if not name.startswith(".")]
+    assert not (tmp_path / "cache").exists()  # no empty cache folders left behind either
 
 
 def _snapshot(root):

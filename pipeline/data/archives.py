@@ -9,6 +9,7 @@ extraction is never mistaken for a finished one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -103,6 +104,7 @@ def extract_archive(archive: Path, cache: Path, key: str, limits: Optional[Extra
     if final.is_dir():
         log.info(f"using extracted {archive.name} at {final}")
         return final
+    created = [folder for folder in (cache, *cache.parents) if not folder.exists()]
     cache.mkdir(parents=True, exist_ok=True)
     temporary = cache / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
     log.info(f"extracting {archive} -> {final} ...")
@@ -115,6 +117,8 @@ def extract_archive(archive: Path, cache: Path, key: str, limits: Optional[Extra
         else:
             _extract_tar(archive, temporary, limits)
         _check_links_inside(archive, temporary)
+        if not any(files for _, _, files in os.walk(temporary)):
+            raise SourceError(f"{archive} is empty: it holds no files")
         try:
             os.rename(temporary, final)
         except OSError:
@@ -123,6 +127,9 @@ def extract_archive(archive: Path, cache: Path, key: str, limits: Optional[Extra
             shutil.rmtree(temporary, ignore_errors=True)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
+        for folder in created:  # the cache folders this call made, innermost first, if still empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
     log.info(f"extracted in {time.monotonic() - started:.1f} s")
     return final

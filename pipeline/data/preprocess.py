@@ -63,40 +63,57 @@ class PreprocessError(InputError):
 
 # ---------------------------------------------------------------- entry points
 
-def ensure_preprocessed(config: Config) -> Manifest:
+def ensure_preprocessed(config: Config, source: Optional[Source] = None) -> Manifest:
     """The preprocessed data for a stage that reads it (train, tune and each of its trials).
 
     A build in ``data.output`` made with the same data config is used as it is, without touching
     the source: on a cluster it may be on another node, a download away, or gone, and listing or
     hashing it at every start costs minutes at scale. Changes to the source itself are the
     preprocess stage's business (``pipeline preprocess`` compares its fingerprint). Without a
-    current build, it is built here, which needs the source."""
+    current build, it is built here, which needs the source (``source``: already resolved)."""
     output = storage.absolute(config.data.output)
     existing = _read_manifest(output)
-    if existing is not None:
-        stale = why_stale_for_config(existing, config.data)
+    if existing is not None and why_stale_for_config(existing, config.data) is None:
+        log.info(f"using the preprocessed data at {output} (built {existing.get('created')} from "
+                 f"{existing.get('source', {}).get('spec')}; `pipeline preprocess` picks up changes to the source)")
+        return Manifest(output, existing)
+    return run_preprocess(config, force=False, source=source)
+
+
+def source_to_build(config: Config, stage: str, force: bool = False) -> Optional[Source]:
+    """The listed source if ``stage`` will read it (preprocess always does, to compare it; train
+    and tune only without a current build), else None. Called before Ray starts: a missing, empty
+    or damaged source fails in a second, not after a cluster has been started or joined."""
+    output = storage.absolute(config.data.output)
+    existing = _read_manifest(output)
+    stale = why_stale_for_config(existing, config.data) if existing is not None else None
+    if stage != "preprocess" and existing is not None and stale is None and not force:
+        return None
+    try:
+        return resolve_source(config.data)
+    except SourceError as error:
+        if existing is None or force:
+            raise
         if stale is None:
-            log.info(f"using the preprocessed data at {output} (built {existing.get('created')} from "
-                     f"{existing.get('source', {}).get('spec')}; `pipeline preprocess` picks up changes to the source)")
-            return Manifest(output, existing)
-    return run_preprocess(config, force=False)
+            raise SourceError(f"{error}; the preprocessed data at {output} matches this data config, and the "
+                              f"train and tune stages use it as it is without the source") from None
+        raise SourceError(f"the preprocessed data at {output} must be rebuilt ({stale}), which needs the "
+                          f"source: {error}") from None
 
 
-def run_preprocess(config: Config, force: bool = False) -> Manifest:
-    """Build ``config.data.output`` from ``config.data.source`` unless a matching build exists."""
+def run_preprocess(config: Config, force: bool = False, source: Optional[Source] = None) -> Manifest:
+    """Build ``config.data.output`` from ``config.data.source`` unless a matching build exists.
+    ``source``: the source already resolved by ``source_to_build`` (else it is resolved here)."""
     started = time.perf_counter()
     data = config.data
     output = storage.absolute(data.output)
+    if source is None:
+        source = source_to_build(config, "preprocess", force)
+    else:
+        started -= source.seconds  # resolved before Ray started: still part of this build's time
     existing = _read_manifest(output)
     stale = "--force" if force else (why_stale_for_config(existing, data) if existing is not None else None)
-    try:
-        source = resolve_source(data)
-    except SourceError as error:
-        if existing is None:
-            raise
-        raise SourceError(f"the preprocessed data at {output} must be rebuilt ({stale or 'to compare the source'}), "
-                          f"which needs the source: {error}") from None
-    timings = {"source_seconds": time.perf_counter() - started}  # download, extraction, listing
+    timings = {"source_seconds": source.seconds}  # download, extraction, listing
     config_fingerprint = data_config_fingerprint(data)
 
     if existing is not None and not force:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -56,6 +57,7 @@ class Source:
     class_names: list[str]
     items_by_split: dict[str, list[Item]]  # "train", and "test" when the source has one
     archive: Optional[str] = None  # the archive the root was extracted from, if any
+    seconds: float = 0.0         # what resolving it took: download, extraction, listing
 
     def count(self) -> int:
         return sum(len(items) for items in self.items_by_split.values())
@@ -68,6 +70,13 @@ class Source:
 
 def resolve_source(data: DataConfig) -> Source:
     """Turn ``data.source`` into a listed ``Source`` (downloading / extracting first if needed)."""
+    started = time.perf_counter()
+    source = _resolve(data)
+    source.seconds = time.perf_counter() - started
+    return source
+
+
+def _resolve(data: DataConfig) -> Source:
     spec = data.source
     if spec == "cifar10":
         archive = cifar.download_cifar10(data.download_url, data.cache_dir)
@@ -101,7 +110,10 @@ def _from_archive(archive: Path, spec: str, cache_dir: str, limits: ExtractLimit
                           f"{cifar.CIFAR10_ARCHIVE_MD5}, got {md5}; download it again, or {cifar.LOCAL_COPY_HINT}")
     fingerprint = f"archive-{size}-md5-{md5}"
     folder = extract_archive(archive, Path(cache_dir).expanduser() / "extracted", key=md5[:16], limits=limits)
-    source = _from_folder(folder, spec, fingerprint=fingerprint, archive=str(archive))
+    try:
+        source = _from_folder(folder, spec, fingerprint=fingerprint, archive=str(archive))
+    except SourceError as error:  # name the archive the user gave, not our cache folder
+        raise SourceError(str(error).replace(str(folder), f"{archive} (extracted)")) from None
     if source.kind == "cifar10" and official_size and md5 != cifar.CIFAR10_ARCHIVE_MD5:
         raise SourceError(f"{archive} has the official CIFAR-10 size but not its md5 (expected "
                           f"{cifar.CIFAR10_ARCHIVE_MD5}, got {md5}): the archive is damaged or modified")
@@ -114,6 +126,11 @@ def _subfolders(folder: Path) -> list[str]:
     return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not is_hidden(entry.name))
 
 
+def _holds_images(folder: Path) -> bool:
+    return any(entry.is_file() and is_image_path(entry.name) and not is_hidden(entry.name)
+               for entry in os.scandir(folder))
+
+
 def _from_folder(folder: Path, spec: str, fingerprint: Optional[str], archive: Optional[str]) -> Source:
     """Detect the layout of ``folder`` (descending through single wrapper folders) and list it."""
     log.info(f"listing files in {folder} ...")
@@ -124,8 +141,11 @@ def _from_folder(folder: Path, spec: str, fingerprint: Optional[str], archive: O
             return _list_cifar(batches_folder, spec, fingerprint, archive)
         subfolders = _subfolders(layout_root)
         has_images = any(is_image_path(e.name) for e in os.scandir(layout_root) if e.is_file())
-        # "data/" holding only "images/" holding the classes: common in archives and downloads.
-        if len(subfolders) == 1 and subfolders[0] not in ("train", "test") and not has_images:
+        # "data/" holding only "images/" holding the classes: common in archives and downloads. A
+        # single folder with images of its own is one class, not a wrapper (refused below: a
+        # classifier needs two).
+        if len(subfolders) == 1 and subfolders[0] not in ("train", "test") and not has_images \
+                and not _holds_images(layout_root / subfolders[0]):
             layout_root = layout_root / subfolders[0]
             continue
         break

@@ -46,7 +46,9 @@ def output_layout(output: str) -> OutputLayout:
     output = storage.absolute(output)
     run_id = f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
     lower = output.lower()
-    _check_parents_are_folders(output)
+    # The staging folder and the outputs go beside a file output, into a folder output.
+    folder = output if not lower.endswith(('.csv', '.parquet', '.pq')) else posixpath.dirname(output)
+    storage.check_writable_folder(folder, f"output {output}")
     extension = posixpath.splitext(posixpath.basename(output))[1].lower()
     if extension in OTHER_FILE_EXTENSIONS and not storage.is_dir(output):
         raise InputError(f"output {output} names a {extension} file, which predictions cannot be written as: "
@@ -107,18 +109,6 @@ def write_table(table: pa.Table, path: str, file_format: str) -> None:
             pacsv.write_csv(table, stream)
         else:
             pq.write_table(table, stream)
-
-
-def _check_parents_are_folders(output: str) -> None:
-    """Refuse an output below an existing file (``notes.txt/predictions.csv``) before any work,
-    rather than when the first part is written."""
-    if storage.is_uri(output):
-        return
-    parent = os.path.dirname(output)
-    while parent and not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if parent and not os.path.isdir(parent):
-        raise InputError(f"output {output} is below {parent}, which is a file, not a folder")
 
 
 def _move_parts(source: str, target: str) -> None:

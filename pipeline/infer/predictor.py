@@ -39,12 +39,11 @@ def prediction_schema(labelled: bool) -> pa.Schema:
 
 
 def read_model_metadata(model_path: str) -> tuple[str, dict]:
-    """(model folder, metadata) without loading TensorFlow: the driver only needs the class names
-    and the image size; the model itself is loaded by the actors."""
-    from pipeline.models.saving import find_model_dir
+    """(model folder, metadata) of a model whose files are whole, without loading TensorFlow: the
+    driver only needs the class names and the image size; the model itself is loaded by the actors."""
+    from pipeline.models.saving import checked_model
 
-    folder = find_model_dir(model_path)
-    return folder, storage.read_json(storage.join(folder, "metadata.json"))
+    return checked_model(model_path)
 
 
 # ---------------------------------------------------------------- decode (Ray Data tasks)

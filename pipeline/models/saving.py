@@ -169,14 +169,9 @@ def load_model(path: str):
     from pipeline.config import ModelConfig
     from pipeline.models.registry import create_model
 
-    folder = find_model_dir(path)
-    metadata = storage.read_json(storage.join(folder, "metadata.json"))
+    folder, metadata = checked_model(path)
     if metadata["kind"] == "export":
         return load_keras_archive(storage.join(folder, "model.keras")), metadata
-    problem = checkpoint_problem(*storage.filesystem(folder))
-    if problem:
-        raise InputError(f"checkpoint {folder} is incomplete ({problem}): its upload failed part-way or is "
-                         f"still running; use another checkpoint of the run, or the run's export")
     model = create_model(
         ModelConfig(**metadata["model"]),
         num_classes=len(metadata["class_names"]),
@@ -187,6 +182,46 @@ def load_model(path: str):
     with tempfile.TemporaryDirectory(prefix="model-") as local:
         restore_checkpoint(storage.download_dir(folder, local), model=model)
     return model, metadata
+
+
+def checked_model(path: str) -> tuple[str, dict]:
+    """(model folder, metadata) of an export, checkpoint or run folder whose files are whole, read
+    without TensorFlow: a damaged model is refused (InputError, naming the folder and what is
+    wrong) before a job starts Ray and its actors, not by every actor that tries to load it."""
+    folder = find_model_dir(path)
+    try:
+        metadata = storage.read_json(storage.join(folder, "metadata.json"))
+    except ValueError as error:
+        raise InputError(f"{storage.join(folder, 'metadata.json')} is not valid JSON ({error}): the model "
+                         f"folder is damaged; copy or export it again") from None
+    if metadata.get("kind") == "export":
+        problem = keras_archive_problem(storage.join(folder, "model.keras"))
+        if problem:
+            raise InputError(f"export {folder} is damaged ({problem}): copy it again, or export it again by "
+                             f"running the training command of its run once more")
+    else:
+        problem = checkpoint_problem(*storage.filesystem(folder))
+        if problem:
+            raise InputError(f"checkpoint {folder} is incomplete ({problem}): its upload failed part-way or is "
+                             f"still running; use another checkpoint of the run, or the run's export")
+    return folder, metadata
+
+
+def keras_archive_problem(path: str) -> str | None:
+    """None when ``path`` is a whole ``.keras`` archive holding what ``load_keras_archive`` reads;
+    reads only the zip's directory (at its end: a truncated copy has none)."""
+    import zipfile
+
+    fs, inner = storage.filesystem(path)
+    try:
+        with fs.open_input_file(inner) as stream, zipfile.ZipFile(stream) as archive:
+            names = set(archive.namelist())
+    except FileNotFoundError:
+        return "model.keras is missing"
+    except (OSError, zipfile.BadZipFile, ValueError) as error:
+        return f"model.keras is not a whole .keras archive: {error}"
+    missing = sorted({"config.json", "model.weights.h5"} - names)
+    return f"model.keras lacks {', '.join(missing)}" if missing else None
 
 
 def load_keras_archive(path: str):
