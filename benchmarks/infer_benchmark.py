@@ -10,6 +10,11 @@
 
     python benchmarks/infer_benchmark.py                          # all 50,000 images, ~minutes on 2 CPUs
     python benchmarks/infer_benchmark.py --limit 2000 --json-out /tmp/infer_benchmark.json
+    python benchmarks/infer_benchmark.py --photos 400 --single-sample 0   # 12 MP phone photos instead
+
+``--photos N`` classifies N generated 12-megapixel JPEGs (4032x3024, quality 90, about 3 MB each,
+in two class folders) instead of CIFAR-10, and times ``decode_image`` on a sample of them with and
+without the reduction while decoding (the same run's baseline for the decode alone).
 
 Without ``--model`` an untrained ResNet-18 (``pipeline.config.ModelConfig`` defaults) is built and
 exported: throughput does not depend on the weights. The archive is extracted to a temporary folder
@@ -51,6 +56,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=None, help="images per model call (default: infer.batch_size)")
     parser.add_argument("--cpus-per-actor", type=float, default=None, help="default: infer.cpus_per_actor")
     parser.add_argument("--single-sample", type=int, default=500, help="images timed one at a time (0: skip)")
+    parser.add_argument("--photos", type=int, default=None,
+                        help="classify this many generated 12 MP JPEG photos instead of the CIFAR-10 archive")
     parser.add_argument("--json-out", help="write the results here as JSON")
     return parser.parse_args(argv)
 
@@ -61,6 +68,53 @@ def extract(archive: str, target: str) -> str:
     with tarfile.open(archive) as tar:
         tar.extractall(target, filter="data")
     return target
+
+
+def write_photos(count: int, target: str) -> str:
+    """``count`` phone-sized JPEGs (4032x3024, quality 90) in ``target/{indoor,outdoor}/``: smooth
+    gradients, a few hard-edged shapes and sensor noise, about 3 MB each, like a 12 MP photo."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(0)
+    height, width = 3024, 4032
+    rows, columns = np.mgrid[0:height, 0:width].astype(np.float32)
+    for index in range(count):
+        tint = rng.uniform(0.3, 1.0, 3).astype(np.float32)
+        pixels = np.stack([columns / width, rows / height, (columns + rows) / (width + height)], -1) * 255 * tint
+        pixels += rng.normal(0, 6, (height, width, 1)).astype(np.float32)
+        image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+        for _ in range(12):
+            x, y, size = rng.integers(0, width - 800), rng.integers(0, height - 800), rng.integers(100, 800)
+            draw.ellipse([x, y, x + size, y + size], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+        folder = os.path.join(target, ("indoor", "outdoor")[index % 2])
+        os.makedirs(folder, exist_ok=True)
+        image.save(os.path.join(folder, f"IMG_{index:04d}.jpg"), quality=90)
+    return target
+
+
+def time_decode(paths: list[str], image_size: int) -> dict:
+    """``decode_image`` per file, in this process: the full decode (the baseline) and the one that
+    reduces while decoding, the same files read from memory, alternated."""
+    import numpy as np
+
+    from pipeline.data.images import decode_image
+
+    seconds = {"full": 0.0, "reduced": 0.0}
+    difference = []
+    for path in paths:
+        data = open(path, "rb").read()
+        pixels = {}
+        for name, reduce in (("full", False), ("reduced", True)):
+            started = time.perf_counter()
+            pixels[name] = decode_image(data, image_size, reduce=reduce).astype(int)
+            seconds[name] += time.perf_counter() - started
+        difference.append(np.abs(pixels["reduced"] - pixels["full"]).mean())
+    return {"images": len(paths), **{f"{name}_ms_per_image": round(value / len(paths) * 1000, 1)
+                                     for name, value in seconds.items()},
+            "speedup": round(seconds["full"] / seconds["reduced"], 2),
+            "mean_abs_pixel_difference": round(float(np.mean(difference)), 3)}
 
 
 def export_untrained_resnet18(target: str) -> str:
@@ -156,7 +210,10 @@ def main(argv=None) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="infer-benchmark-") as scratch:
         started = time.perf_counter()
-        images_dir = extract(arguments.archive, os.path.join(scratch, "images"))
+        if arguments.photos:
+            images_dir = write_photos(arguments.photos, os.path.join(scratch, "images"))
+        else:
+            images_dir = extract(arguments.archive, os.path.join(scratch, "images"))
         extract_seconds = time.perf_counter() - started
         paths = list_inputs(images_dir)
         if arguments.limit is not None and arguments.limit < len(paths):
@@ -168,7 +225,8 @@ def main(argv=None) -> dict:
             config.infer.input = listing
         else:
             config.infer.input = images_dir
-        print(f"[benchmark] {len(paths):,} images extracted in {extract_seconds:.1f} s", flush=True)
+        print(f"[benchmark] {len(paths):,} images {'written' if arguments.photos else 'extracted'} in "
+              f"{extract_seconds:.1f} s", flush=True)
 
         config.infer.model = arguments.model or export_untrained_resnet18(os.path.join(scratch, "model"))
         config.infer.output = os.path.join(scratch, "predictions.parquet")
@@ -184,6 +242,10 @@ def main(argv=None) -> dict:
 
         model, metadata = load_model(config.infer.model)
         image_size = int(metadata["image_size"])
+        decode = None
+        if arguments.photos:
+            print("[benchmark] decode_image on 20 photos, full and reduced while decoding", flush=True)
+            decode = time_decode(paths[:20], image_size)
         print(f"[benchmark] 2/3 model.predict on {len(paths):,} decoded images in memory", flush=True)
         in_memory = time_model_predict(model, paths, image_size, config.infer.batch_size)
         single = None
@@ -204,6 +266,7 @@ def main(argv=None) -> dict:
         "run_inference": batch,
         "model_predict_in_memory": in_memory,
         "one_image_at_a_time": single,
+        "decode_image": decode,
     }
     print("\n[benchmark] images/s")
     print(f"  run_inference end to end        {batch['images_per_second']:>10,.1f}"
@@ -213,6 +276,12 @@ def main(argv=None) -> dict:
     print(f"  predict_function, in memory     {in_memory['compiled_forward_pass']['images_per_second']:>10,.1f}")
     if single:
         print(f"  one image at a time (tutorial)  {single['images_per_second']:>10,.1f}   ({single['images']} images)")
+    if decode:
+        print(f"  decode_image, full (baseline)   {1000 / decode['full_ms_per_image']:>10,.1f}   "
+              f"({decode['full_ms_per_image']} ms per photo)")
+        print(f"  decode_image, reduced           {1000 / decode['reduced_ms_per_image']:>10,.1f}   "
+              f"({decode['reduced_ms_per_image']} ms per photo, {decode['speedup']}x; pixels differ by "
+              f"{decode['mean_abs_pixel_difference']} of 255 on average)")
     if arguments.json_out:
         with open(arguments.json_out, "w") as handle:
             json.dump(results, handle, indent=2)

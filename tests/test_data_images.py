@@ -57,3 +57,38 @@ def test_a_damaged_exif_block_keeps_the_stored_pixels():
     # Orientation 1 is upright already; an out-of-range tag is ignored rather than refused.
     np.testing.assert_array_equal(decode_image(good, 16), decode_image(jpeg(picture), 16))
     np.testing.assert_array_equal(decode_image(jpeg(picture, orientation=99), 16), decode_image(jpeg(picture), 16))
+
+
+def twelve_megapixel_photo() -> Image.Image:
+    """A 4032x3024 picture with a phone photo's mix of smooth gradients, edges and sensor noise."""
+    rng = np.random.default_rng(0)
+    height, width = 3024, 4032
+    rows, columns = np.mgrid[0:height, 0:width].astype(np.float32)
+    pixels = np.stack([columns / width * 255, rows / height * 255, (columns + rows) / (width + height) * 255], -1)
+    pixels += rng.normal(0, 6, (height, width, 1)).astype(np.float32)
+    pixels[:height // 4, :width // 4] = (255, 0, 0)  # the top-left corner, red
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("image_size", [32, 224])
+def test_a_12_megapixel_jpeg_is_reduced_while_decoding_to_the_same_picture(image_size):
+    # Stored on its side (EXIF orientation 6), as a phone held upright stores it.
+    photo = twelve_megapixel_photo()
+    data = jpeg(photo.transpose(STORED[6]), orientation=6)
+    full = decode_image(data, image_size, reduce=False).astype(int)
+    reduced = decode_image(data, image_size).astype(int)
+    assert reduced.shape == full.shape == (image_size, image_size, 3)
+    corner = image_size // 8
+    assert np.abs(reduced[:corner, :corner] - [255, 0, 0]).mean() < 30  # upright: red stays top-left
+    # The tolerance: within 2 levels on average and 12 at the 99th percentile of 0-255.
+    difference = np.abs(reduced - full)
+    assert difference.mean() <= 2 and np.percentile(difference, 99) <= 12, (difference.mean(), difference.max())
+
+
+def test_large_images_of_other_formats_are_box_reduced_before_the_resize():
+    photo = twelve_megapixel_photo().resize((1600, 1200))
+    buffer = io.BytesIO()
+    photo.save(buffer, format="PNG")
+    full = decode_image(buffer.getvalue(), 32, reduce=False).astype(int)
+    reduced = decode_image(buffer.getvalue(), 32).astype(int)
+    assert np.abs(reduced - full).mean() <= 2

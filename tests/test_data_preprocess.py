@@ -126,6 +126,18 @@ def test_training_stages_use_a_current_build_without_the_source(tmp_path, local_
     assert rebuilt.raw["decode_version"] == 2 and rebuilt.build != built.build
 
 
+def test_the_summary_counts_the_rows_a_subset_build_wrote(tmp_path, local_ray, capsys):
+    # data.max_images_per_class: the figures are of the images read and rows written, not of the
+    # whole source (a rate 2.7x too high before).
+    root = make_noise_folder(tmp_path / "images", per_class=10)
+    manifest = run_preprocess(make_config(tmp_path, f"data.source={root}", "data.val_fraction=0",
+                                          "data.max_images_per_class=3"))
+    raw = manifest.raw
+    assert raw["counts"] == {"seen": 6, "written": 6, "rejected": 0}
+    assert raw["images_per_second"] == pytest.approx(6 / raw["elapsed_seconds"], rel=0.01, abs=0.1)
+    assert "done: 6 rows in " in capsys.readouterr().out
+
+
 def test_crashed_build_leftovers_are_removed_on_commit(tmp_path, local_ray):
     root = make_noise_folder(tmp_path / "images", per_class=3)
     crashed = tmp_path / "out" / "shards-19700101-000000-dead00" / "train"

@@ -159,7 +159,7 @@ def write_manifest(output: str, config, source, *, config_fingerprint: str, buil
         "rejected": rejected,
         "counts": {"seen": seen, "written": written, "rejected": len(rejected)},
         "elapsed_seconds": round(elapsed, 3),
-        "images_per_second": round(seen / elapsed, 1),
+        "images_per_second": round(written / elapsed, 1),  # rows written: what the build produced
         "timings": {key: round(value, 3) for key, value in timings.items()},
         "build": build,
         "provenance": pipeline.provenance(),

@@ -145,7 +145,9 @@ def run_preprocess(config: Config, force: bool = False, source: Optional[Source]
             results = {name: _write_split(name, items, source, data, output, build)
                        for name, items in splits.items()}
             timings["decode_and_write_seconds"] = time.perf_counter() - writing
-            manifest = _commit(config, source, config_fingerprint, output, build, results, started, timings)
+            # The images this build read: with data.max_images_per_class, fewer than the source holds.
+            read = sum(len(items) for items in splits.values())
+            manifest = _commit(config, source, config_fingerprint, output, build, results, started, timings, read)
     except BaseException:
         # Nothing of a failed build stays behind; the previous manifest (if any) stays valid.
         storage.delete(storage.join(output, build))
@@ -155,10 +157,10 @@ def run_preprocess(config: Config, force: bool = False, source: Optional[Source]
     if removed:
         log.info(f"removed {len(removed)} older shard folder(s) that no run uses: {', '.join(removed)}")
     counts = manifest.raw["counts"]
-    log.info(f"done: {counts['seen']} images in {manifest.raw['elapsed_seconds']:.1f} s = "
-        f"{manifest.raw['images_per_second']:.0f} images/s (source {timings['source_seconds']:.1f} s, "
+    log.info(f"done: {counts['written']} rows in {manifest.raw['elapsed_seconds']:.1f} s = "
+        f"{manifest.raw['images_per_second']:.0f} rows/s (source {timings['source_seconds']:.1f} s, "
         f"decode + write {timings['decode_and_write_seconds']:.1f} s), written to {output} "
-        f"({counts['written']} rows, {counts['rejected']} rejected)")
+        f"({counts['seen']} images read, {counts['rejected']} rejected)")
     return manifest
 
 
@@ -462,11 +464,10 @@ def _write_split(split: str, items: list[Item], source: Source, data: DataConfig
 # ---------------------------------------------------------------- manifest
 
 def _commit(config: Config, source: Source, config_fingerprint: str, output: str, build: str,
-            results: dict[str, list[dict]], started: float, timings: dict[str, float]) -> Manifest:
+            results: dict[str, list[dict]], started: float, timings: dict[str, float], seen: int) -> Manifest:
     """Check the failure budget, add up the shard writers' summaries, then write the manifest."""
     data = config.data
     rejected = [entry for summaries in results.values() for row in summaries for entry in json.loads(row["rejected"])]
-    seen = sum(len(items) for items in source.items_by_split.values())
     if seen and len(rejected) / seen > data.max_failed_fraction:
         reasons = "; ".join(f"{entry['id']}: {entry['reason']}" for entry in rejected[:5])
         raise PreprocessError(
@@ -509,6 +510,6 @@ def summarize(manifest: Manifest) -> str:
     return (f"Preprocessed {raw['source']['spec']} ({raw['source']['kind']}, {manifest.num_classes} classes, "
             f"{manifest.image_size}x{manifest.image_size} RGB) into {manifest.root}: {splits}; "
             f"{rejected} of {raw['counts']['seen']} files rejected{reasons}; "
-            f"{raw['images_per_second']:.0f} images/s over {raw['elapsed_seconds']:.1f} s (built {raw['created']}); "
+            f"{raw['images_per_second']:.0f} rows/s over {raw['elapsed_seconds']:.1f} s (built {raw['created']}); "
             f"train mean {[round(v, 1) for v in manifest.mean]}, std {[round(v, 1) for v in manifest.std]}; "
             f"manifest: {storage.join(manifest.root, MANIFEST_NAME)}")
