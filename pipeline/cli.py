@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--input", help="image file, directory, glob, .txt file list or s3:// prefix")
     predict.add_argument("--output", help="predictions .csv, .parquet or directory")
 
+    serving = commands.add_parser("serve", help="serve a model over HTTP with Ray Serve (POST /predict)")
+    add_config_arguments(serving)
+    serving.add_argument("--model", help="export dir, checkpoint dir or run dir")
+
     show = commands.add_parser("config", help="print the resolved config (or every key with --keys)")
     add_config_arguments(show)
     show.add_argument("--keys", action="store_true", help="list every key with its default and meaning")
@@ -95,6 +99,8 @@ def what_was_kept(args) -> str:
                 f"resumes it")
     if args.command == "preprocess":
         return "nothing was committed (the manifest is written last); the same command builds again"
+    if args.command == "serve":
+        return "the application was removed from Ray Serve; the same command serves again"
     return "no output was written (outputs appear only when complete); the same command starts again"
 
 
@@ -108,6 +114,8 @@ def run(args) -> int:
         for key in ("model", "input", "output"):
             if getattr(args, key) is not None:
                 setattr(config.infer, key, getattr(args, key))
+    if args.command == "serve" and args.model is not None:
+        config.serve.model = args.model
 
     if args.command == "config":
         print(describe() if args.keys else to_yaml(config), end="\n")
@@ -142,6 +150,14 @@ def run(args) -> int:
             from pipeline.tune.search import run_search
 
             print_search_summary(run_search(config))
+        return 0
+    if args.command == "serve":
+        from pipeline.serve import check_serve, run_serve
+
+        runtime.check_address(args.address)
+        check_serve(config.serve)  # a missing or damaged model is refused before Ray starts
+        connect_and_check(config, args)
+        run_serve(config)
         return 0
     if args.command == "predict":
         from pipeline.infer import predict_image, run_inference

@@ -196,6 +196,32 @@ class InferConfig:
         min=1)
 
 
+@dataclass
+class ServeConfig:
+    """Online serving (``pipeline serve``): the model behind an HTTP endpoint, a Ray Serve application."""
+    model: Optional[str] = param(None, "export dir, checkpoint dir or run dir to serve (local or s3://, gs://)")
+    host: str = param("127.0.0.1", "address the HTTP proxy listens on: 127.0.0.1 on a laptop, 0.0.0.0 on a cluster")
+    port: int = param(8000, "HTTP port of the proxy (on every node that runs one)", min=1, max=65535)
+    route_prefix: str = param("/", "URL prefix of the application: POST <prefix>predict, GET <prefix>healthz")
+    top_k: int = param(5, "classes returned per image", min=1)
+    max_batch_size: int = param(
+        32, "requests a replica classifies together (Ray Serve's dynamic batching): throughput under load, "
+        "no wait when idle", min=1)
+    batch_wait_timeout_s: float = param(
+        0.005, "how long a replica waits for a batch to fill before it classifies what it has (seconds)", min=0.0)
+    min_replicas: int = param(1, "model replicas always running", min=0)
+    max_replicas: int = param(1, "replicas under load; above min_replicas, Ray Serve autoscales between them", min=1)
+    target_ongoing_requests: float = param(
+        8.0, "requests in flight per replica that autoscaling aims at (more adds a replica)", min=0.0,
+        min_exclusive=True)
+    cpus_per_replica: float = param(1.0, "CPUs reserved per model replica", min=0.0)
+    gpus_per_replica: float = param(
+        0.0, "GPUs per replica: 0 on CPU nodes (the replica then sees none), 1 for one per GPU, a fraction to "
+        "share a GPU", min=0.0, max=1.0)
+    max_request_bytes: int = param(
+        64 * 2**20, "larger request bodies get HTTP 413 instead of being decoded", min=1)
+
+
 # Metrics a search can rank trials by (per epoch, as reported to Ray Train), with their direction.
 TUNE_METRICS = {"val_accuracy": "max", "val_top5_accuracy": "max", "val_loss": "min",
                 "accuracy": "max", "top5_accuracy": "max", "loss": "min"}
@@ -248,6 +274,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     recipe: str = "default"  # file stem of the recipe, used as the default run name
 
 
@@ -490,7 +517,7 @@ def validate(config: Config) -> None:
         if getattr(getattr(config, section), key) == "":
             raise ConfigError(f"config key '{dotted}' is empty: give a path"
                               + (" (or 'cifar10' to download CIFAR-10)" if dotted == "data.source" else "")
-                              + ("" if section != "infer" else ", or leave it out"))
+                              + ("" if section not in ("infer", "serve") else ", or leave it out"))
     for dotted in ("run.name", "tune.name"):
         section, key = dotted.split(".")
         name = getattr(getattr(config, section), key)
@@ -524,6 +551,11 @@ def validate(config: Config) -> None:
                           f"{smallest}x{smallest} pixels (raise data.image_size, or use model.stem=cifar)")
     if train.cutout >= config.data.image_size:
         raise ConfigError(f"train.cutout={train.cutout} must be smaller than data.image_size={config.data.image_size}")
+    serve = config.serve
+    if serve.min_replicas > serve.max_replicas:
+        raise ConfigError(f"serve.min_replicas={serve.min_replicas} is above serve.max_replicas={serve.max_replicas}")
+    if not serve.route_prefix.startswith("/"):
+        raise ConfigError(f"config key 'serve.route_prefix' must start with '/', got {serve.route_prefix!r}")
     if config.scaling.collective == "nccl" and not config.scaling.use_gpu:
         raise ConfigError("scaling.collective=nccl needs scaling.use_gpu=true (NCCL is GPU-only); use ring or auto")
     if config.scaling.collective == "nccl" and gpus < 1 and config.scaling.num_workers > 1:
@@ -548,7 +580,7 @@ def _check_rules(dotted: str, value, rules) -> None:
 
 # Keys that name local paths (or URIs). data.source may also be the word "cifar10" (the download).
 PATH_KEYS = ("data.source", "data.cache_dir", "data.output", "run.storage_path", "tune.storage_path",
-             "infer.model", "infer.input", "infer.output")
+             "infer.model", "infer.input", "infer.output", "serve.model")
 
 
 def with_absolute_paths(config: Config) -> Config:

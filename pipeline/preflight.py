@@ -36,6 +36,7 @@ SHARED_PATHS = {
     "train": ("data.output", "run.storage_path"),
     "tune": ("data.output", "run.storage_path", "tune.storage_path"),
     "predict": ("infer.input", "infer.model", "infer.output"),
+    "serve": ("serve.model",),
 }
 # Paths a stage writes: never into a submitted job's temporary copy of its working directory.
 OUTPUT_PATHS = ("data.output", "run.storage_path", "tune.storage_path", "infer.output")
@@ -46,6 +47,7 @@ WHO_USES = {
     "infer.input": "decode tasks on every node read the images",
     "infer.model": "model actors on every node load it",
     "infer.output": "prediction parts are written from every node",
+    "serve.model": "model replicas on every node load it",
 }
 
 

@@ -39,7 +39,9 @@ from pipeline.runtime import WORKER_ENV_VARS
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER_CONFIGS = {"aws": REPO / "ray-cluster.yaml", "gcp": REPO / "cluster" / "gcp.yaml"}
 KUBERAY_MANIFESTS = {"raycluster": REPO / "cluster" / "kuberay" / "raycluster.yaml",
-                     "rayjob": REPO / "cluster" / "kuberay" / "rayjob.yaml"}
+                     "rayjob": REPO / "cluster" / "kuberay" / "rayjob.yaml",
+                     "rayservice": REPO / "cluster" / "kuberay" / "rayservice.yaml"}
+SERVE_CONFIG = REPO / "cluster" / "serve.yaml"
 DOCKERFILE = REPO / "cluster" / "Dockerfile"
 RUNTIME_ENV = REPO / "cluster" / "runtime-env.yaml"
 RAY_SCHEMA = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
@@ -351,7 +353,7 @@ def test_dockerfile_sets_the_worker_environment_and_installs_the_project():
     copied = " ".join(value for key, value in instructions if key == "COPY")
     for needed in ("pyproject.toml", "README.md", "pipeline/", "jobs/", "configs/"):
         assert needed in copied
-    assert ("RUN", "pip install --no-cache-dir .") in instructions
+    assert ("RUN", 'pip install --no-cache-dir ".[serve]"') in instructions  # serve: the RayService's app
     # The tag is the project's version, so an image always says which code it holds.
     assert dockerfile_image_name(DOCKERFILE.read_text()).endswith(":" + pyproject()["project"]["version"])
 
@@ -441,6 +443,15 @@ def kuberay_problems(doc: dict, image: str) -> list[str]:
         problems.append("not a named ray.io/v1 object")
     if doc.get("kind") == "RayCluster":
         spec = doc["spec"]
+    elif doc.get("kind") == "RayService":
+        spec = doc["spec"].get("rayClusterConfig")
+        if spec is None:
+            return problems + ["RayService without rayClusterConfig"]
+        problems += serve_config_problems(yaml.safe_load(doc["spec"].get("serveConfigV2") or "{}"))
+        ports = {port.get("name"): port.get("containerPort")
+                 for port in spec["headGroupSpec"]["template"]["spec"]["containers"][0].get("ports", [])}
+        if ports.get("serve") != 8000:
+            problems.append("the head has no port named serve (8000), where KubeRay's serve service sends traffic")
     elif doc.get("kind") == "RayJob":
         spec = doc["spec"].get("rayClusterSpec")
         if spec is None:
@@ -460,6 +471,51 @@ def kuberay_problems(doc: dict, image: str) -> list[str]:
     return problems
 
 
+def serve_config_problems(config: dict) -> list[str]:
+    """A Serve config (``serve deploy`` file or a RayService's serveConfigV2) that Ray's own schema
+    accepts, whose application is ours and whose args are valid serve settings."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from pipeline.config import ConfigError, check_value
+
+    try:
+        schema = ServeDeploySchema.model_validate(config)
+    except Exception as error:  # noqa: BLE001 - pydantic's ValidationError
+        return [f"not a Serve config: {str(error).splitlines()[0]}"]
+    problems = []
+    for application in schema.applications:
+        if application.import_path != "pipeline.serve:app_from_args":
+            problems.append(f"application {application.name} imports {application.import_path}")
+        for key, value in (application.args or {}).items():
+            try:
+                check_value(f"serve.{key}", value)
+            except ConfigError as error:
+                problems.append(f"application {application.name}: {error}")
+    if schema.http_options.host != "0.0.0.0":
+        problems.append("the proxies listen on localhost only: other machines cannot reach the endpoint")
+    return problems
+
+
+def test_serve_config_file_is_valid_and_builds_our_application(tmp_path):
+    config = load(SERVE_CONFIG)
+    assert serve_config_problems(config) == []
+    (application,) = config["applications"]
+    assert application["runtime_env"]["env_vars"] == WORKER_ENV_VARS
+    # The same args with a real model build the application `serve deploy` would run.
+    from test_serve import export_model
+
+    from pipeline.serve import app_from_args
+
+    built = app_from_args({**application["args"], "model": export_model(str(tmp_path / "export"))})
+    assert built._bound_deployment.ray_actor_options["num_gpus"] == 1
+    broken = copy.deepcopy(config)
+    broken["applications"][0]["args"]["max_batch_size"] = 0
+    broken["http_options"]["host"] = "127.0.0.1"
+    problems = serve_config_problems(broken)
+    assert any("'serve.max_batch_size' must be >= 1" in problem for problem in problems)
+    assert any("localhost only" in problem for problem in problems)
+
+
 def secret_created_in_comments(text: str) -> tuple[str, str]:
     """The Secret the manifest's instructions create: kubectl create secret generic NAME --from-file=KEY=..."""
     (found,) = set(re.findall(r"kubectl create secret generic (\S+) --from-file=([\w.-]+)=", text))
@@ -477,7 +533,8 @@ def test_kuberay_manifest_has_the_required_fields(manifest):
 def test_kuberay_token_comes_from_the_secret_the_instructions_create(manifest):
     text = KUBERAY_MANIFESTS[manifest].read_text()
     doc = yaml.safe_load(text)
-    spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+    spec = {"RayCluster": lambda: doc["spec"], "RayJob": lambda: doc["spec"]["rayClusterSpec"],
+            "RayService": lambda: doc["spec"]["rayClusterConfig"]}[doc["kind"]]()
     _, secrets = ray_cluster_spec_problems(spec, image="")
     assert secrets == {secret_created_in_comments(text)}
     auth_options = spec.get("authOptions")

@@ -210,12 +210,16 @@ def predict_image(model_path: str, image_path: str, top_k: int = 5) -> dict:
     class_names = np.asarray(metadata["class_names"], dtype=str)
     probabilities = np.asarray(model.predict_on_batch(pixels[None].astype(np.float32)))
     top_k = min(int(top_k), len(class_names))
-    columns = prediction_columns([storage.absolute(image_path)], probabilities, class_names, top_k)
-    result = {
-        "path": str(columns["path"][0]),
-        "predicted_class": str(columns["predicted_class"][0]),
-        "confidence": float(columns["confidence"][0]),
-        "top_k_classes": json.loads(columns["top_k_classes"][0]),
-        "top_k_probabilities": json.loads(columns["top_k_probabilities"][0]),
-    }
-    return result
+    return prediction_records([storage.absolute(image_path)], probabilities, class_names, top_k)[0]
+
+
+def prediction_records(paths, probabilities: np.ndarray, class_names, top_k: int) -> list[dict]:
+    """The prediction columns as one JSON-ready dict per image (``pipeline predict`` for one image,
+    and the serving endpoint): the same names, rounding and tie-breaking as the files."""
+    columns = prediction_columns(paths, probabilities, np.asarray(class_names, dtype=str), top_k)
+    return [{"path": str(columns["path"][row]),
+             "predicted_class": str(columns["predicted_class"][row]),
+             "confidence": float(columns["confidence"][row]),
+             "top_k_classes": json.loads(columns["top_k_classes"][row]),
+             "top_k_probabilities": json.loads(columns["top_k_probabilities"][row])}
+            for row in range(len(paths))]
