@@ -128,6 +128,10 @@ def run(args) -> int:
             from pipeline.tune.search import check_search
 
             check_search(config)
+        if args.command in ("train", "tune"):
+            from pipeline.tracking import check_tracking
+
+            check_tracking(config)
         # Before Ray starts: a cluster address where nothing answers, bad outputs, and a missing,
         # empty or damaged source, each fail in a second.
         runtime.check_address(args.address)
@@ -201,6 +205,22 @@ def print_training_summary(summary: dict) -> None:
         print(f"  {evaluation['split']} ({evaluation['rows']} images): top-1 {evaluation['accuracy']:.4f}, "
               f"top-5 {evaluation['top5_accuracy']:.4f}, loss {evaluation['loss']:.4f}")
     print(f"  model: {summary['export']}\n  summary: {summary['run_dir']}/summary.json")
+    print_tracking(summary.get("tracking"))
+
+
+def print_tracking(tracked) -> None:
+    """Where the run is in MLflow, and what could not be logged there."""
+    if not tracked:
+        return
+    if tracked.get("run_id") not in (None, "none"):
+        version = (f"; model {tracked['registered_model']} version {tracked['model_version']}"
+                   if tracked.get("model_version") else "")
+        print(f"  MLflow: run {tracked['run_id']} in experiment {tracked.get('experiment')}{version}; "
+              f"see it: {tracked.get('ui')}")
+    skipped = tracked.get("not_logged")
+    if skipped:
+        what = ", ".join(skipped["not_logged"][:6]) + (", ..." if len(skipped["not_logged"]) > 6 else "")
+        print(f"  not logged to MLflow at {skipped['store']} ({skipped['reason']}): {what}")
 
 
 def print_search_summary(summary: dict) -> None:
@@ -216,6 +236,7 @@ def print_search_summary(summary: dict) -> None:
     if best["export"]:
         print(f"  model: {best['export']}")
     print(f"  results: {summary['results_csv']}\n  train it: python jobs/train.py --config {summary['best_yaml']}")
+    print_tracking(summary.get("tracking"))
 
 
 def print_inference_summary(summary: dict) -> None:

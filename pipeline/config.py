@@ -92,6 +92,10 @@ class ModelConfig:
         "standardize", "first layer of the model: 'scale' divides pixels by 255 (the original); "
         "'standardize' subtracts the train split's per-channel mean and divides by its std",
         choices=["scale", "standardize"])
+    test_time_flip: bool = param(
+        False, "average each image's probabilities with those of its mirror image (test-time augmentation): "
+        "the final evaluation, batch inference and serving alike, as the export records it; twice the compute "
+        "per image. Per-epoch validation stays without it")
 
 
 @dataclass
@@ -222,6 +226,20 @@ class ServeConfig:
         64 * 2**20, "larger request bodies get HTTP 413 instead of being decoded", min=1)
 
 
+@dataclass
+class TrackingConfig:
+    """Experiment tracking with MLflow (pipeline/tracking.py): runs, searches and their trials, models."""
+    enabled: bool = param(
+        "auto", "log training runs, searches and exported models to MLflow; auto: when MLflow is installed "
+        "(pip install -e \".[tracking]\")", auto=True)
+    uri: str = param(
+        "artifacts/mlflow", "a local folder (a SQLite store, artifacts beside it: no server needed; "
+        "mlflow ui --backend-store-uri sqlite:///<folder>/mlflow.db), or a tracking server http(s)://host:5000")
+    experiment: str = param("ray-image-pipeline", "the MLflow experiment runs and searches are logged in")
+    registered_model: str = param(
+        "ray-image-pipeline", "the registered model each finished run's export becomes a new version of")
+
+
 # Metrics a search can rank trials by (per epoch, as reported to Ray Train), with their direction.
 TUNE_METRICS = {"val_accuracy": "max", "val_top5_accuracy": "max", "val_loss": "min",
                 "accuracy": "max", "top5_accuracy": "max", "loss": "min"}
@@ -275,6 +293,7 @@ class Config:
     infer: InferConfig = field(default_factory=InferConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     recipe: str = "default"  # file stem of the recipe, used as the default run name
 
 
@@ -580,7 +599,7 @@ def _check_rules(dotted: str, value, rules) -> None:
 
 # Keys that name local paths (or URIs). data.source may also be the word "cifar10" (the download).
 PATH_KEYS = ("data.source", "data.cache_dir", "data.output", "run.storage_path", "tune.storage_path",
-             "infer.model", "infer.input", "infer.output", "serve.model")
+             "infer.model", "infer.input", "infer.output", "serve.model", "tracking.uri")
 
 
 def with_absolute_paths(config: Config) -> Config:

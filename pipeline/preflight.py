@@ -33,8 +33,8 @@ from pipeline.config import Config, ConfigError
 # The paths each stage's workers, tasks or actors read or write on other nodes.
 SHARED_PATHS = {
     "preprocess": ("data.output",),  # written here, read by training workers anywhere
-    "train": ("data.output", "run.storage_path"),
-    "tune": ("data.output", "run.storage_path", "tune.storage_path"),
+    "train": ("data.output", "run.storage_path", "tracking.uri"),
+    "tune": ("data.output", "run.storage_path", "tune.storage_path", "tracking.uri"),
     "predict": ("infer.input", "infer.model", "infer.output"),
     "serve": ("serve.model",),
 }
@@ -48,6 +48,7 @@ WHO_USES = {
     "infer.model": "model actors on every node load it",
     "infer.output": "prediction parts are written from every node",
     "serve.model": "model replicas on every node load it",
+    "tracking.uri": "the Train controller of every run (and trial) logs its epochs there from the node it runs on",
 }
 
 
@@ -150,6 +151,10 @@ def check(config: Config, stage: str, facts: ClusterFacts) -> None:
         shared = [storage.absolute(path) for path in config.run.shared_paths]
         for key in SHARED_PATHS[stage]:
             value = _value(config, key)
+            if key == "tracking.uri":  # a local SQLite store (or folder) is a local path too
+                from pipeline import tracking
+
+                value = tracking.local_folder(config.tracking) if tracking.enabled(config.tracking) else None
             if not value or (storage.is_uri(value) and not value.startswith("file://")):
                 continue
             path = storage.absolute(value.removeprefix("file://"))

@@ -49,13 +49,13 @@ class ImageClassifier:
     def __init__(self, model_path: str, top_k: int, gpus: float, max_batch_size: int, batch_wait_timeout_s: float,
                  max_request_bytes: int):
         from pipeline import accelerators
-        from pipeline.models.saving import load_model, predict_function
+        from pipeline.models.saving import inference_function, load_model
 
         # As in the batch-inference actors: a replica that asked for no GPU sees none.
         accelerators.hide_unrequested_gpus(gpus)
         self.devices = accelerators.visible_gpus()
         self.model, self.metadata = load_model(model_path)
-        self.predict = predict_function(self.model)
+        self.predict = inference_function(self.model, self.metadata)
         self.model_path = model_path
         self.class_names = [str(name) for name in self.metadata["class_names"]]
         self.image_size = int(self.metadata["image_size"])

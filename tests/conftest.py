@@ -21,6 +21,18 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture(autouse=True)
+def _track_only_when_asked(monkeypatch):
+    """``tracking.enabled: auto`` tracks wherever MLflow is installed, as the dev extra installs it,
+    into artifacts/mlflow below the working directory: the checkout, for runs in this process.
+    Here a run tracks only when its test sets tracking.enabled=true (jobs in subprocesses run in
+    their test's folder)."""
+    from pipeline import tracking
+
+    real = tracking.enabled
+    monkeypatch.setattr(tracking, "enabled", lambda settings: settings.enabled is True and real(settings))
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray for the session, shared by every module that needs a plain one: two 1-CPU
@@ -45,6 +57,15 @@ def stop_local_ray():
 def _stop_local_ray_at_the_end():
     yield
     stop_local_ray()
+
+
+@pytest.fixture(scope="session")
+def tracking_server(tmp_path_factory):
+    """A real MLflow tracking server on 127.0.0.1 for the session's tracking tests (its URL)."""
+    from mlflow_server import mlflow_server
+
+    with mlflow_server(str(tmp_path_factory.mktemp("mlflow"))) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,20 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def wait_until_answering(url: str, process, what: str, timeout: float) -> None:
+    """Until ``url`` answers an HTTP GET, while ``process`` (a server the test started) runs."""
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            assert process.poll() is None and time.time() < deadline, f"{what} did not start"
+            time.sleep(0.5)
+
+
 def cluster_env() -> dict:
     """Token authentication on, with a token handed over through the environment, so the user's
     ~/.ray/auth_token is neither read nor written."""

@@ -8,12 +8,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pyarrow.fs as pafs
 
-from ray_nodes import free_port
+from ray_nodes import free_port, wait_until_answering
 
 
 @contextlib.contextmanager
@@ -24,14 +22,7 @@ def s3_server(bucket: str):
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     endpoint = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(endpoint, timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, "moto server did not start"
-                time.sleep(0.5)
+        wait_until_answering(endpoint, server, "moto server", timeout=60)
         pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", allow_bucket_creation=True).create_dir(bucket)
         yield {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}

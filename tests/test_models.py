@@ -201,3 +201,38 @@ def test_an_export_loads_as_keras_load_model_loads_it(tmp_path):
     images = random_pixels(3, 16)
     np.testing.assert_array_equal(loaded.predict_on_batch(images), reference.predict_on_batch(images))
     assert loaded.optimizer is None  # compile=False, as for tf-keras' loader
+
+
+def test_the_test_time_flip_is_used_wherever_the_export_is(tmp_path):
+    # model.test_time_flip: the mean of each image's and its mirror image's probabilities, in the
+    # forward pass of batch inference, serving and one-image predict (inference_function) and in
+    # the export's SavedModel signature; an export without the key is used as it is.
+    import tensorflow as tf
+    from PIL import Image
+
+    from pipeline.infer import predict_image
+    from pipeline.models.saving import inference_function, load_model, model_metadata, save_export
+
+    config = ModelConfig(name="resnet18", width=4, test_time_flip=True)
+    model = build_model(config, num_classes=3, image_size=16, mean=[120.0] * 3, std=[60.0] * 3)
+    images = np.floor(random_pixels(4, 16, seed=1))  # whole 0-255 values: a PNG holds them exactly
+    plain = model.predict_on_batch(images)
+    mirrored = model.predict_on_batch(images[:, :, ::-1].copy())
+    assert np.abs(plain - mirrored).max() > 1e-3  # the mirror image really is another input
+    for flip in (True, False):
+        settings = {**vars(config), "test_time_flip": flip}
+        metadata = model_metadata(kind="export", class_names=["a", "b", "c"], image_size=16,
+                                  config={"model": settings}, mean=[120.0] * 3, std=[60.0] * 3)
+        folder = save_export(model, metadata, str(tmp_path / f"export-{flip}"))
+        expected = (plain + mirrored) / 2 if flip else plain
+        loaded, loaded_metadata = load_model(folder)
+        np.testing.assert_allclose(inference_function(loaded, loaded_metadata)(images).numpy(), expected, atol=1e-6)
+        signature = tf.saved_model.load(str(tmp_path / f"export-{flip}" / "saved_model")).signatures["serving_default"]
+        np.testing.assert_allclose(signature(images=tf.constant(images))["probabilities"].numpy(), expected,
+                                   atol=1e-5)
+        Image.fromarray(images[0].astype(np.uint8)).save(tmp_path / "one.png")
+        one = predict_image(folder, str(tmp_path / "one.png"), top_k=3)
+        assert one["confidence"] == pytest.approx(float(expected[0].max()), abs=1e-5)
+    del metadata["model"]["test_time_flip"]  # an export made before the setting existed
+    np.testing.assert_allclose(inference_function(loaded, {"model": metadata["model"]})(images).numpy(), plain,
+                               atol=1e-6)

@@ -25,6 +25,7 @@ from pipeline.train.run import (CheckpointMismatch, TrainingDiverged, check_fini
                                 run_training)
 
 import faulty_storage
+from ray_nodes import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.cluster
@@ -41,7 +42,7 @@ def checkpoints(run_dir):
                   if name.startswith("checkpoint_") and os.path.isdir(os.path.join(run_dir, name)))
 
 
-def test_one_worker_trains_checkpoints_and_exports(source, tmp_path, local_ray, monkeypatch):
+def test_one_worker_trains_checkpoints_and_exports(source, tmp_path, local_ray, monkeypatch, tracking_server):
     # fp16 (mixed_float16 with a loss-scale optimizer) is the GPU path; it runs, slowly, on a CPU
     # too, and its checkpoint restore and float32 export are what this run checks. The upload of
     # its second checkpoint fails once (storage unavailable): Ray Train restarts the worker from the
@@ -57,7 +58,9 @@ def test_one_worker_trains_checkpoints_and_exports(source, tmp_path, local_ray, 
 
     monkeypatch.setattr(storage, "filesystem", filesystem)
     cloudpickle.register_pickle_by_value(faulty_storage)  # the workers cannot import tests/
-    config = smoke_config(source, tmp_path, "run.name=one", "train.precision=fp16", "train.max_failures=1")
+    config = smoke_config(source, tmp_path, "run.name=one", "train.precision=fp16", "train.max_failures=1",
+                          "tracking.enabled=true", f"tracking.uri={tracking_server}", "tracking.experiment=smoke",
+                          "tracking.registered_model=smoke-resnet")
     summary = run_training(config)
     monkeypatch.setattr(storage, "filesystem", real_filesystem)
     assert os.path.exists(os.path.join(markers, "failed"))  # the failure did happen
@@ -111,6 +114,31 @@ def test_one_worker_trains_checkpoints_and_exports(source, tmp_path, local_ray, 
     assert evaluation["accuracy"] == np.mean(probabilities.argmax(1) == labels)
     assert evaluation["loss"] == pytest.approx(-np.mean(np.log(probabilities[np.arange(32), labels])), rel=1e-4)
 
+    # Tracked in MLflow: every epoch once although epoch 2 was trained twice (the failed upload),
+    # equal to history.json; the config as params; the test metrics, files and the export as a
+    # model version that predicts as the export does.
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    tracked = summary["tracking"]
+    client = MlflowClient(tracking_server)
+    run = client.get_run(tracked["run_id"])
+    assert run.info.status == "FINISHED" and "not_logged" not in tracked
+    assert run.data.params["train.epochs"] == "3" and run.data.params["model.width"] == "8"
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "val_top5_accuracy", "lr", "images_per_second"):
+        points = sorted((point.step, point.value) for point in client.get_metric_history(run.info.run_id, key))
+        assert points == [(row["epoch"], pytest.approx(row[key])) for row in history], key
+    assert run.data.metrics["test_accuracy"] == pytest.approx(evaluation["accuracy"])
+    files = {artifact.path for artifact in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "summary.json", "history.csv", "plots"} <= files
+    version = client.get_model_version("smoke-resnet", tracked["model_version"])
+    assert version.run_id == run.info.run_id
+    mlflow.set_tracking_uri(tracking_server)
+    registered = mlflow.pyfunc.load_model(f"models:/smoke-resnet/{tracked['model_version']}")
+    assert registered.metadata.metadata["class_names"] == manifest.class_names
+    np.testing.assert_array_equal(np.asarray(registered.predict(images)).argmax(1),
+                                  exported.predict(images, verbose=0).argmax(1))
+
     # The same run name with a wider model: its checkpoints cannot be resumed, and the finished
     # run is left as it was.
     with pytest.raises(CheckpointMismatch, match=r"run 'one' cannot resume: .* other model \(model\.\*\)"):
@@ -138,7 +166,9 @@ def test_stopped_run_resumes_at_the_right_epoch(source, tmp_path, local_ray):
                  "--config", os.path.join(REPO, "configs/smoke.yaml"),
                  "--set", f"data.source={own_source}", "--set", f"data.output={tmp_path}/data",
                  "--set", f"run.storage_path={tmp_path}/runs", "--set", "run.name=resume",
-                 "--set", "train.epochs=4", "--set", "train.precision=fp32"]
+                 "--set", "train.epochs=4", "--set", "train.precision=fp32",
+                 # A tracking server that is down: the run trains on and says what was not logged.
+                 "--set", "tracking.enabled=true", "--set", f"tracking.uri=http://127.0.0.1:{free_port()}"]
     run_dir = os.path.join(tmp_path, "runs", "resume")
     first = subprocess.Popen(arguments, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              start_new_session=True)
@@ -173,7 +203,12 @@ def test_stopped_run_resumes_at_the_right_epoch(source, tmp_path, local_ray):
     # The epochs done before the crash were not trained again: their rows (timings included)
     # came back from the checkpoint unchanged.
     assert history[:len(done_before)] == done_before
-    assert storage.read_json(os.path.join(run_dir, "summary.json"))["epochs"] == 4
+    summary = storage.read_json(os.path.join(run_dir, "summary.json"))
+    assert summary["epochs"] == 4
+    not_logged = summary["tracking"]["not_logged"]
+    assert not_logged["store"].startswith("http://127.0.0.1:") and "Connection refused" in not_logged["reason"]
+    assert "the training run" in not_logged["not_logged"] and "the model version" in not_logged["not_logged"]
+    assert f"not logged to MLflow at {not_logged['store']}" in second.stdout
 
 
 def precision_probe(loop_config):

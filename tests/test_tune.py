@@ -38,14 +38,15 @@ def search_overrides(source, shards, root, name):
 
 
 @pytest.fixture(scope="module")
-def asha_search(source, shards, tmp_path_factory, local_ray):
+def asha_search(source, shards, tmp_path_factory, local_ray, tracking_server):
     """Four trials, two at a time: two good learning rates first, then one too small to learn in
     an epoch (ASHA stops it at the first rung) and one so large that the weights overflow. Five
     epochs (rungs at 1, 2 and 4): Ray Train runs on while Tune decides, so a stopped trial may
     record an epoch or two past its rung, but not the whole budget."""
     root = tmp_path_factory.mktemp("asha")
     config = load_config(SMOKE_SEARCH, search_overrides(source, shards, root, "asha") + [
-        "tune.num_samples=1", "train.epochs=5", "tune.space={train.learning_rate: {grid: [0.05, 0.03, 0.00001, 1.0e+30]}}"])
+        "tune.num_samples=1", "train.epochs=5", "tune.space={train.learning_rate: {grid: [0.05, 0.03, 0.00001, 1.0e+30]}}",
+        "tracking.enabled=true", f"tracking.uri={tracking_server}", "tracking.experiment=asha-search"])
     return config, run_search(config)
 
 
@@ -71,6 +72,32 @@ def test_asha_stops_weak_trials_and_a_diverging_trial_fails(asha_search):
     for row in rows.values():
         if row["status"] == "completed":
             assert int(row["epochs"]) == config.train.epochs and float(row["val_accuracy"]) > 0.25
+
+
+def test_the_search_is_a_parent_run_with_a_child_run_per_trial(asha_search, tracking_server):
+    from mlflow.tracking import MlflowClient
+
+    config, summary = asha_search
+    client = MlflowClient(tracking_server)
+    parent = client.get_run(summary["tracking"]["run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["pipeline.kind"] == "search"
+    assert parent.data.params["tune.scheduler"] == "asha"
+    assert parent.data.metrics["trials"] == 4 and parent.data.tags["pipeline.best_trial"] == summary["best"]["trial"]
+    assert {artifact.path for artifact in client.list_artifacts(parent.info.run_id)} >= {"results.csv", "best.yaml"}
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_trial = {child.data.tags["pipeline.trial"]: child for child in children}
+    rows = {row["trial"]: row for row in rows_of(summary)}
+    assert by_trial.keys() == rows.keys()
+    ended = {"completed": "FINISHED", "early-stopped": "KILLED", "failed": "FAILED"}
+    for trial, child in by_trial.items():
+        assert child.info.status == ended[rows[trial]["status"]], trial
+        assert child.data.tags["pipeline.status"] == rows[trial]["status"]
+        assert child.data.params["train.learning_rate"] == rows[trial]["train.learning_rate"]
+        # Each epoch the trial recorded, once.
+        history = storage.read_json(os.path.join(rows[trial]["run_dir"], "history.json"))
+        logged = sorted(point.step for point in client.get_metric_history(child.info.run_id, "val_accuracy"))
+        assert logged == [row["epoch"] for row in history if not row.get("diverged")], trial
 
 
 def test_search_folder_holds_results_best_recipe_plots_and_export(asha_search):

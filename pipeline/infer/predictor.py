@@ -123,14 +123,14 @@ class Predictor:
     def __init__(self, model_path: str, top_k: int, gpus: float = 0.0, facts_dir: Optional[str] = None):
         started = time.perf_counter()
         from pipeline import accelerators
-        from pipeline.models.saving import load_model, predict_function
+        from pipeline.models.saving import inference_function, load_model
 
         # Before the model touches a device: none if the actor holds no GPU (Ray no longer hides
         # the node's GPUs from it), memory growth where fractional actors share one.
         accelerators.hide_unrequested_gpus(gpus)
         devices = accelerators.visible_gpus()
         self.model, metadata = load_model(model_path)
-        self.predict = predict_function(self.model)
+        self.predict = inference_function(self.model, metadata)
         self.class_names = np.asarray(metadata["class_names"], dtype=str)
         self.image_size = int(metadata["image_size"])
         self.top_k = min(int(top_k), len(self.class_names))
@@ -197,7 +197,7 @@ def prediction_columns(paths, probabilities: np.ndarray, class_names: np.ndarray
 def predict_image(model_path: str, image_path: str, top_k: int = 5) -> dict:
     """Classify one image without Ray, as the original tutorial did (but with the exact training
     preprocessing): the class of the arg-max, its confidence and the top-k."""
-    from pipeline.models.saving import load_model
+    from pipeline.models.saving import inference_function, load_model
 
     if not storage.exists(image_path):
         raise NotFound(f"image not found: {image_path}")
@@ -208,7 +208,7 @@ def predict_image(model_path: str, image_path: str, top_k: int = 5) -> dict:
         raise UnreadableImage(f"{image_path}: {error}") from None
     model, metadata = load_model(model_path)
     class_names = np.asarray(metadata["class_names"], dtype=str)
-    probabilities = np.asarray(model.predict_on_batch(pixels[None].astype(np.float32)))
+    probabilities = inference_function(model, metadata)(pixels[None].astype(np.float32)).numpy()
     top_k = min(int(top_k), len(class_names))
     return prediction_records([storage.absolute(image_path)], probabilities, class_names, top_k)[0]
 

@@ -61,13 +61,21 @@ def save_export(model, metadata: dict, target: str) -> str:
     storage.delete(storage.join(target, "metadata.json"))  # the folder is incomplete until the end
     with tempfile.TemporaryDirectory(prefix="export-") as local:
         model.save(os.path.join(local, "model.keras"))
-        tf.saved_model.save(model, os.path.join(local, "saved_model"), signatures=_serving_function(model))
+        flip = bool((metadata.get("model") or {}).get("test_time_flip"))
+        tf.saved_model.save(model, os.path.join(local, "saved_model"), signatures=_serving_function(model, flip))
         storage.upload_dir(local, target)
     storage.write_json(storage.join(target, "metadata.json"), {**metadata, "kind": "export"})
     return target
 
 
-def predict_function(model):
+def inference_function(model, metadata: dict):
+    """The forward pass an export or checkpoint is to be used with: ``predict_function`` with the
+    test-time flip its ``model.test_time_flip`` records. Batch inference, serving, one-image predict
+    and the registered model all call this."""
+    return predict_function(model, flip=bool((metadata.get("model") or {}).get("test_time_flip")))
+
+
+def predict_function(model, flip: bool = False):
     """``model``'s forward pass for inference, as one TensorFlow function of float32 image batches
     of any size (traced once): what the model actors and the test evaluation call per batch.
 
@@ -82,15 +90,17 @@ def predict_function(model):
 
     @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="images")])
     def predict(images):
+        if flip:  # test-time augmentation: the mean of the image's and its mirror image's probabilities
+            return (model(images, training=False) + model(tf.reverse(images, axis=[2]), training=False)) / 2
         return model(images, training=False)
 
     return predict
 
 
-def _serving_function(model):
+def _serving_function(model, flip: bool = False):
     import tensorflow as tf
 
-    predict = predict_function(model)
+    predict = predict_function(model, flip)
 
     @tf.function(input_signature=predict.input_signature)
     def serve(images):

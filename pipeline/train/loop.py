@@ -184,7 +184,7 @@ def finish(weights, config, dataset_info, metadata, run_dir, strategy, rank: int
         started = time.perf_counter()
         evaluation.update(evaluate_split(serving_model, ray.train.get_dataset_shard(f"{split}_full"), strategy,
                                          rank, world_size, image_size=dataset_info["image_size"],
-                                         batch_size=batch_sizes(config)[0]))
+                                         batch_size=batch_sizes(config)[0], flip=config.model.test_time_flip))
         evaluation["seconds"] = round(time.perf_counter() - started, 3)
     if rank == 0:
         export_dir = save_export(serving_model, {**metadata, "evaluation": evaluation}, storage.join(run_dir, "export"))
@@ -192,7 +192,8 @@ def finish(weights, config, dataset_info, metadata, run_dir, strategy, rank: int
         storage.write_json(storage.join(run_dir, "evaluation.json"), evaluation)
 
 
-def evaluate_split(model, shard, strategy, rank: int, world_size: int, *, image_size: int, batch_size: int) -> dict:
+def evaluate_split(model, shard, strategy, rank: int, world_size: int, *, image_size: int, batch_size: int,
+                   flip: bool = False) -> dict:
     """Loss, accuracy and top-5 accuracy of ``model`` over every row of an unsplit dataset: each
     worker reads all of it and predicts the rows whose id falls to its rank (all cores busy, not
     rank 0's share alone), then one all-reduce adds up the sums. Shared out by row id, not by batch
@@ -200,7 +201,7 @@ def evaluate_split(model, shard, strategy, rank: int, world_size: int, *, image_
     workers. The metrics are Keras' own (CategoricalCrossentropy on probabilities,
     CategoricalAccuracy, TopKCategoricalAccuracy)."""
     sums = np.zeros(4)  # loss, top-1 hits, top-5 hits, rows
-    predict = predict_function(model)
+    predict = predict_function(model, flip)  # model.test_time_flip, as the export will be used
     for images, labels in inputs.shard_batches(shard, image_size=image_size, batch_size=batch_size,
                                                drop_remainder=False, part=(rank, world_size)):
         probabilities = predict(images.astype(np.float32)).numpy().astype(np.float64)

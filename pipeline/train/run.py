@@ -22,7 +22,7 @@ import pipeline
 import ray.train
 from ray.train.tensorflow import TensorflowTrainer
 
-from pipeline import PipelineError, reports, storage
+from pipeline import PipelineError, reports, storage, tracking
 from pipeline.config import Config, batch_sizes, scaled_learning_rate, to_dict, to_yaml
 from pipeline.data.manifest import images_from_column, lease
 from pipeline.data.preprocess import ensure_preprocessed
@@ -46,12 +46,14 @@ class CheckpointMismatch(PipelineError):
     """The run's checkpoints were made from other data or another model than the config asks for."""
 
 
-def run_training(config: Config, *, callbacks=(), start_from=None) -> dict:
+def run_training(config: Config, *, callbacks=(), start_from=None, tracking_parent=None, tracking_tags=None) -> dict:
     """Train as configured; returns the run summary (also written to ``summary.json``).
 
     ``callbacks``: extra ``ray.train.UserCallback``s (a Tune trial forwards metrics with one).
     ``start_from``: a ``ray.train.Checkpoint`` to start a new run from, as population-based training
     does with another trial's weights; the run's own checkpoints take precedence on resume.
+    ``tracking_parent``, ``tracking_tags``: the MLflow run of the search this run is a trial of, and
+    tags for this run's (``pipeline.tracking``).
     """
     manifest = ensure_preprocessed(config)
     # The workers read the shards every epoch: leased, so that a rebuild of data.output meanwhile
@@ -61,10 +63,10 @@ def run_training(config: Config, *, callbacks=(), start_from=None) -> dict:
         if not storage.exists(storage.join(manifest.root, manifest.build)):
             raise PipelineError(f"the preprocessed data at {manifest.root} was rebuilt while this run started "
                                 f"(its shard folder {manifest.build} is gone); run the same command again")
-        return _train(config, manifest, callbacks, start_from)
+        return _train(config, manifest, callbacks, start_from, tracking_parent, tracking_tags)
 
 
-def _train(config: Config, manifest, callbacks, start_from) -> dict:
+def _train(config: Config, manifest, callbacks, start_from, tracking_parent, tracking_tags) -> dict:
     storage_path = storage.absolute(config.run.storage_path)
     name = run_name(config)
     run_dir = storage.join(storage_path, name)
@@ -102,6 +104,9 @@ def _train(config: Config, manifest, callbacks, start_from) -> dict:
         "identity": training_identity(config, manifest),
     }
 
+    tracker = tracking.start_run(config, run_dir, name, "training", parent_run_id=tracking_parent, tags=tracking_tags)
+    if tracker is not None and tracker.run_id != "none":
+        callbacks = [*callbacks, tracking.TrackEpochs(tracker)]
     scaling = config.scaling
     resources = {"CPU": scaling.cpus_per_worker, **worker_request(scaling)}
     storage_fs, storage_fs_path = storage.filesystem(storage_path)
@@ -127,11 +132,20 @@ def _train(config: Config, manifest, callbacks, start_from) -> dict:
             callbacks=list(callbacks)),
     )
     started = time.perf_counter()
-    result = fit_in_thread(trainer)
-    wall_seconds = time.perf_counter() - started
-    check_finite(storage.read_json(storage.join(run_dir, "history.json")), name,
-                 result.checkpoint.path if result.checkpoint else None)
-    return summarise(config, manifest, run_dir, result, wall_seconds)
+    try:
+        result = fit_in_thread(trainer)
+        wall_seconds = time.perf_counter() - started
+        check_finite(storage.read_json(storage.join(run_dir, "history.json")), name,
+                     result.checkpoint.path if result.checkpoint else None)
+    except BaseException as error:
+        tracking.end_run(tracker, "KILLED" if isinstance(error, (KeyboardInterrupt, pipeline.Stopped)) else "FAILED")
+        raise
+    summary = summarise(config, manifest, run_dir, result, wall_seconds)
+    tracked = tracking.finish_training(tracker, config, run_dir, summary)
+    if tracked is not None:
+        summary["tracking"] = tracked
+        storage.write_json(storage.join(run_dir, "summary.json"), summary)
+    return summary
 
 
 def training_identity(config: Config, manifest) -> dict:
@@ -140,7 +154,9 @@ def training_identity(config: Config, manifest) -> dict:
     checkpoint's metadata (``identity``) and compared on resume."""
     return {"data": {"source": manifest.raw.get("source_fingerprint"), "config": manifest.raw.get("config_fingerprint")},
             "class_names": manifest.class_names, "image_size": manifest.image_size,
-            "normalization": {"mean": manifest.mean, "std": manifest.std}, "model": to_dict(config)["model"]}
+            "normalization": {"mean": manifest.mean, "std": manifest.std},
+            # What the weights depend on: not the test-time flip, which only changes their use.
+            "model": {key: value for key, value in to_dict(config)["model"].items() if key != "test_time_flip"}}
 
 
 IDENTITY_NAMES = {"data": "data (source or split: data.* settings, or the source files changed)",

@@ -28,7 +28,7 @@ from ray import tune
 from ray.train import UserCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining, TrialScheduler
 
-from pipeline import PipelineError, runtime, storage
+from pipeline import PipelineError, runtime, storage, tracking
 from pipeline.config import (TUNE_METRICS, Config, ConfigError, from_dict, saved_dict, to_dict, to_yaml,
                              with_absolute_paths)
 from pipeline.models.saving import checkpoint_problem
@@ -115,8 +115,11 @@ def run_search(config: Config) -> dict:
     storage.write_text(storage.join(search_dir, "search.yaml"), to_yaml(config))
 
     pbt = config.tune.scheduler == "pbt"
+    parent = tracking.start_run(config, search_dir, name, "search")
+    parent_id = parent.run_id if parent is not None and parent.run_id != "none" else None
     trainable = tune.with_resources(
-        tune.with_parameters(train_trial, base=to_dict(config), search_dir=search_dir, forward_checkpoints=pbt),
+        tune.with_parameters(train_trial, base=to_dict(config), search_dir=search_dir, forward_checkpoints=pbt,
+                             tracking_parent=parent_id),
         TRIAL_DRIVER_RESOURCES)
     started = time.perf_counter()
     if resuming:
@@ -143,9 +146,17 @@ def run_search(config: Config) -> dict:
                 failure_config=tune.FailureConfig(max_failures=0),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=PBT_CHECKPOINTS_TO_KEEP) if pbt else None,
                 verbose=1))
-    result_grid = tuner.fit()
+    try:
+        result_grid = tuner.fit()
+    except BaseException as error:
+        tracking.end_run(parent, "KILLED" if isinstance(error, (KeyboardInterrupt, pipeline.Stopped)) else "FAILED")
+        raise
     summary = results.write_results(config, dimensions, search_dir, result_grid,
                                     wall_seconds=time.perf_counter() - started)
+    tracked = tracking.finish_search(parent, summary)
+    if tracked is not None:
+        summary["tracking"] = tracked
+        storage.write_json(storage.join(search_dir, "summary.json"), summary)
     if summary["best"] is None:
         errors = [result.error for result in result_grid if result.error is not None]
         raise SearchFailed(f"search '{name}': no trial reported a result ({summary['failed']} of {summary['trials']} "
@@ -234,7 +245,8 @@ def _flat(values: dict) -> dict:
 
 # ---------------------------------------------------------------- one trial (runs in a Tune actor)
 
-def train_trial(params: dict, *, base: dict, search_dir: str, forward_checkpoints: bool) -> None:
+def train_trial(params: dict, *, base: dict, search_dir: str, forward_checkpoints: bool,
+                tracking_parent: str | None = None) -> None:
     """One trial: the search's config with ``params`` set, trained as an ordinary run.
 
     The Ray Train run is named after the trial, so a resumed search continues it from its own
@@ -259,11 +271,15 @@ def train_trial(params: dict, *, base: dict, search_dir: str, forward_checkpoint
     config = trial_config(base, params)  # a bad combination fails this trial, with the key named
     config.run.name = name
     config.run.storage_path = storage.join(search_dir, "trials")
+    # A child run of the search's MLflow run; a PBT segment says where its weights came from.
+    tracked = {"tracking_parent": tracking_parent, "tracking_tags": {
+        "pipeline.trial": trial_id, **({"pipeline.pbt_from": f"trial {origin['trial']} at epoch {origin['epoch']}"}
+                                       if origin else {})}}
 
     if not forward_checkpoints:
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        run_training(config, callbacks=[TuneReportCallback()], start_from=start_from)
+        run_training(config, callbacks=[TuneReportCallback()], start_from=start_from, **tracked)
         return
     # PBT clones trials through Tune checkpoints, but TuneReportCallback forwards metrics only. So
     # the run goes to a thread, and this (Tune's) thread reports each epoch with its checkpoint,
@@ -276,7 +292,7 @@ def train_trial(params: dict, *, base: dict, search_dir: str, forward_checkpoint
 
     def fit():
         try:
-            run_training(config, callbacks=[ReportCheckpointsToTune(reports)], start_from=start_from)
+            run_training(config, callbacks=[ReportCheckpointsToTune(reports)], start_from=start_from, **tracked)
         except BaseException as error:  # re-raised below, in the trial's thread
             outcome["error"] = error
         finally:
