@@ -177,6 +177,12 @@ def product_problems(raw: dict) -> list[str]:
         if node["min_workers"] != 0 or not node["max_workers"] > 0:
             problems.append(f"{name}: min_workers {node['min_workers']}, max_workers {node['max_workers']}"
                             " (GPU nodes must start at zero and be able to scale)")
+        # Ray's docker runner adds --runtime=nvidia only when `docker info` lists
+        # nvidia-container-runtime: the GPUs are asked for explicitly.
+        options = [*config.get("docker", {}).get("run_options", []),
+                   *node.get("docker", {}).get("worker_run_options", [])]
+        if not any(option.split() == ["--gpus", "all"] or option == "--gpus=all" for option in options):
+            problems.append(f"{name}: its containers do not ask for the GPUs (--gpus all)")
     if sum(node["min_workers"] for node in types.values()) > config["max_workers"]:
         problems.append("sum of min_workers exceeds max_workers")
 
@@ -252,6 +258,7 @@ def test_broken_launcher_configs_are_rejected(cloud):
         (f"available_node_types/{head}/resources", {"CPU": 4}, "training work could land on the head"),
         (f"available_node_types/{one_gpu}/min_workers", 1, "must start at zero"),
         ("docker/run_options", [], "RAY_AUTH_MODE=token is not passed"),
+        (f"available_node_types/{one_gpu}/docker", {}, "do not ask for the GPUs (--gpus all)"),
         ("file_mounts", {PROJECT_MOUNT: "."}, "is not a mount of"),
         ("setup_commands", ['pip install "tensorflow==2.21.*" "tf-keras==2.20.*"',
                             f"pip install -e {PROJECT_MOUNT}"], "different minor versions"),
