@@ -143,6 +143,9 @@ class TrainConfig:
         "(measured slower there, see BENCHMARKS.md)", auto=True)
     shuffle_buffer_size: int = param(
         10000, "rows in each worker's local shuffle buffer, on top of a new shard-file order every epoch", min=0)
+    shuffle_buffer_bytes: int = param(
+        2**30, "at most this many bytes of pixels in each worker's shuffle buffer: fewer rows than "
+        "shuffle_buffer_size for large images (10,000 rows at 224 px would be 1.5 GB)", min=0)
     checkpoint_every_epochs: int = param(1, "report a checkpoint every N epochs (and at the last)", min=1)
     checkpoints_to_keep: int = param(
         1, "best checkpoints kept by val_accuracy; the latest is always kept as well", min=1)

@@ -127,6 +127,19 @@ def test_shuffle_buffer_is_seeded_and_mixes_far_apart_rows():
     assert first.max() > 600 and len({label // 100 for label in first}) >= 6
 
 
+def test_the_shuffle_buffer_holds_at_most_its_bytes_of_pixels():
+    # 10,000 rows of 224 px images would be 1.5 GB per worker: the byte limit (1 GiB) wins.
+    assert inputs.shuffle_buffer_rows(TrainConfig(), 32) == 10000
+    assert inputs.shuffle_buffer_rows(TrainConfig(), 224) == 2**30 // (224 * 224 * 3) == 7133
+    assert inputs.shuffle_buffer_rows(TrainConfig(shuffle_buffer_bytes=0), 32) == 0  # no buffer at all
+    limit = 40 * 12  # bytes: 40 rows of 2x2x3 pixels
+    rows = inputs.shuffle_buffer_rows(TrainConfig(shuffle_buffer_bytes=limit), 2)
+    shuffler = inputs.RowShuffler(rows, np.random.default_rng(0))
+    for images, labels in inputs.shard_batches(FakeShard([30, 70]), image_size=2, batch_size=10):
+        shuffler.add(images, labels)
+    assert rows == 40 and shuffler.images.nbytes == limit
+
+
 def test_rebatcher_cuts_any_chunks_into_exact_batches():
     batcher = inputs.Rebatcher(4)
     out = []

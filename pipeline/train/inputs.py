@@ -40,6 +40,12 @@ def steps_and_batches(rows: int, num_workers: int, per_replica_batch_size: int, 
     return -(-batches // local_replicas), batches
 
 
+def shuffle_buffer_rows(train: TrainConfig, image_size: int) -> int:
+    """Rows of a worker's shuffle buffer: ``train.shuffle_buffer_size``, fewer when that many
+    images would hold more than ``train.shuffle_buffer_bytes`` of pixels."""
+    return min(train.shuffle_buffer_size, train.shuffle_buffer_bytes // (image_size * image_size * 3))
+
+
 def worker_seed(seed: Optional[int], rank: int, epoch: int = -1) -> Optional[int]:
     """A seed of its own for each worker (and epoch) derived from ``train.seed``; None (truly
     random) when ``train.seed`` is null. Workers must differ (each augments and shuffles its own

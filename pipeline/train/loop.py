@@ -84,7 +84,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     def train_dataset_fn(_, epoch):
         return inputs.prefetch(inputs.shard_to_dataset(
             ray.train.get_dataset_shard("train"), image_size=image_size, num_classes=num_classes,
-            batch_size=replica_batch, steps=train_batches, shuffle_buffer_size=config.train.shuffle_buffer_size,
+            batch_size=replica_batch, steps=train_batches,
+            shuffle_buffer_size=inputs.shuffle_buffer_rows(config.train, image_size),
             shuffle_seed=inputs.worker_seed(config.train.seed, rank, epoch), augmentation=augmentation))
 
     val_dataset_fn, validation_steps = None, None
