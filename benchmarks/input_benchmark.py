@@ -2,6 +2,8 @@
 
     python benchmarks/input_benchmark.py --source ../shared/data/cifar10-jpeg-train.tar.gz
     python benchmarks/input_benchmark.py --scale 50000 400000
+    python benchmarks/input_benchmark.py --source <archive or folder> --image-size 224 --images-per-class 1200 \
+        --cpus 1 --pipelines pipeline in-memory --data /tmp/input-224
 
 Speed (``--source``): the train split of a preprocess build (made once, under ``--data``) read as a
 Ray Train worker reads it: the dataset ``run_training`` builds, ``streaming_split(1)`` as Ray
@@ -95,10 +97,11 @@ def measure(args) -> dict:
             seed = inputs.worker_seed(0, 0, epoch)
             if args.pipeline == "shard-batches":  # the Ray and numpy part alone: no TensorFlow
                 return inputs.shard_batches(shard, image_size=size, batch_size=batch,
-                                            shuffle_buffer_size=train.shuffle_buffer_size, shuffle_seed=seed)
+                                            shuffle_buffer_size=inputs.shuffle_buffer_rows(train, size),
+                                            shuffle_seed=seed)
             data = inputs.shard_to_dataset(
                 shard, image_size=size, num_classes=manifest.num_classes, batch_size=batch, steps=steps,
-                shuffle_buffer_size=train.shuffle_buffer_size, shuffle_seed=seed,
+                shuffle_buffer_size=inputs.shuffle_buffer_rows(train, size), shuffle_seed=seed,
                 augmentation=augmentation if args.pipeline == "pipeline" else None)
             if args.pipeline == "tf-augment":
                 data = tf_augment(data, train, manifest.mean)
@@ -118,9 +121,13 @@ def measure(args) -> dict:
     if ray.is_initialized():
         ray.shutdown()
     steady = sorted(e["images_per_second"] for e in epochs[1:])
-    return {"pipeline": args.pipeline, "cpus": args.cpus, "epochs": epochs,
+    import resource
+
+    return {"pipeline": args.pipeline, "cpus": args.cpus, "epochs": epochs, "image_size": size,
             "first_epoch_images_per_second": epochs[0]["images_per_second"],
-            "steady_images_per_second": steady[len(steady) // 2] if steady else None}
+            "steady_images_per_second": steady[len(steady) // 2] if steady else None,
+            # The worker's process (the iterator, the shuffle buffer, the batches; not Ray's read tasks).
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
 
 
 def tf_augment(dataset, train, fill_value):
@@ -213,6 +220,8 @@ def child(mode: str, pipeline_name: str, data: str, cpus: int, epochs: int) -> d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", help="CIFAR-10 archive or image folder (speed)")
+    parser.add_argument("--image-size", type=int, default=None, help="data.image_size of the build (default: 32)")
+    parser.add_argument("--images-per-class", type=int, default=None, help="data.max_images_per_class of the build")
     parser.add_argument("--data", default=os.path.join(REPO, "artifacts/benchmarks/input-data"))
     parser.add_argument("--cpus", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--epochs", type=int, default=6)
@@ -252,8 +261,12 @@ def main() -> None:
         from pipeline import runtime
 
         runtime.connect(num_cpus=2)
-        ensure_preprocessed(load_config(os.path.join(REPO, "configs/fast.yaml"),
-                                        [f"data.source={args.source}", f"data.output={args.data}"]))
+        build = [f"data.source={args.source}", f"data.output={args.data}"]
+        if args.image_size:
+            build.append(f"data.image_size={args.image_size}")
+        if args.images_per_class:
+            build.append(f"data.max_images_per_class={args.images_per_class}")
+        ensure_preprocessed(load_config(os.path.join(REPO, "configs/fast.yaml"), build))
         import ray
 
         ray.shutdown()
@@ -263,7 +276,8 @@ def main() -> None:
                 results.append(result)
                 print(f"{cpus} CPU  {name:<12} epoch 1 {result['first_epoch_images_per_second']:>7,} images/s  "
                       f"steady {result['steady_images_per_second'] or 0:>7,} images/s  "
-                      f"({', '.join(str(e['images_per_second']) for e in result['epochs'])})", flush=True)
+                      f"({', '.join(str(e['images_per_second']) for e in result['epochs'])}), "
+                      f"{result['image_size']} px, worker peak RSS {result['peak_rss_mib']:,} MiB", flush=True)
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as handle:
         json.dump(results, handle, indent=1)
