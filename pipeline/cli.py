@@ -101,7 +101,8 @@ def what_was_kept(args) -> str:
         return "nothing was committed (the manifest is written last); the same command builds again"
     if args.command == "serve":
         return "the application was removed from Ray Serve; the same command serves again"
-    return "no output was written (outputs appear only when complete); the same command starts again"
+    return ("the files classified so far are kept (outputs appear only when complete); the same command "
+            "continues with the rest")
 
 
 def run(args) -> int:

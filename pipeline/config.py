@@ -201,6 +201,10 @@ class InferConfig:
     rows_per_file: int = param(
         10000, "target rows per Parquet part of the predictions (fewer, larger files than one per batch)",
         min=1)
+    max_failed_fraction: float = param(
+        0.05, "exit with an error (after writing every output) when more than this fraction of the files "
+        "cannot be read or decoded: a folder of broken files or a storage outage, not a few bad photos",
+        min=0.0, max=1.0)
 
 
 @dataclass

@@ -17,7 +17,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
               "(an epoch in progress is trained again)"),
     ("tune", "search 'smoke' keeps its finished trials and checkpoints; the same command resumes it"),
     ("preprocess", "nothing was committed (the manifest is written last); the same command builds again"),
-    ("predict", "no output was written (outputs appear only when complete); the same command starts again"),
+    ("predict", "the files classified so far are kept (outputs appear only when complete); the same command "
+                "continues with the rest"),
 ])
 def test_sigterm_mid_stage_says_what_was_kept_and_exits_143(command, kept, monkeypatch, capsys):
     # As `ray job stop` ends a job: SIGTERM to the driver, after Ray has installed its own handler

@@ -146,6 +146,7 @@ def _config(model: str, input: str, output: str, **infer_settings) -> Config:
     config = Config()
     config.infer.model, config.infer.input, config.infer.output = model, str(input), str(output)
     config.infer.batch_size = 4  # several batches and actors' worth of work even with 20 files
+    config.infer.max_failed_fraction = 1.0  # the folders hold broken files on purpose
     for key, value in infer_settings.items():
         setattr(config.infer, key, value)
     return config
@@ -266,7 +267,15 @@ def test_decoding_stays_in_its_own_parallel_tasks(local_ray, exported_model, mix
 def test_csv_output_matches_model_predict_and_lists_broken_files(local_ray, exported_model, mixed_folder, tmp_path):
     folder, model = exported_model
     output = tmp_path / "out" / "predictions.csv"
-    summary = infer.run_inference(_config(folder, mixed_folder, output, num_actors=2, cpus_per_actor=0.5, top_k=5))
+    # 3 of 14 files broken: more than infer.max_failed_fraction (5%) is an error, once every output
+    # is written (the predictions of the good files are kept), then the same files within the limit.
+    with pytest.raises(pipeline.PipelineError, match=r"3 of 14 files \(21.4%\) could not be read or decoded, more "
+                                                     r"than infer.max_failed_fraction=0.05; the outputs are complete"):
+        infer.run_inference(_config(folder, mixed_folder, output, num_actors=2, cpus_per_actor=0.5, top_k=5,
+                                    max_failed_fraction=0.05))
+    assert len(pd.read_csv(output)) == len(GOOD_FILES)
+    summary = infer.run_inference(_config(folder, mixed_folder, output, num_actors=2, cpus_per_actor=0.5, top_k=5,
+                                          max_failed_fraction=0.25))
 
     predictions = pd.read_csv(output)
     assert list(predictions.columns) == PREDICTION_COLUMNS  # no true_class: files sit at the root too
@@ -387,7 +396,9 @@ def test_results_that_never_reach_the_driver_fail_without_an_output(local_ray, e
     output = tmp_path / "predictions.csv"
     with pytest.raises(infer.IncompleteOutput, match="files listed but 3 classified"):
         infer.run_inference(_config(folder, f"{mixed_folder}/photos/*", output))
-    assert sorted(os.listdir(tmp_path)) == []  # no predictions, errors or summary to mistake for a result
+    # No predictions, errors or summary to mistake for a result; the parts that did arrive stay in
+    # the hidden staging folder for the same command to continue from.
+    assert [name for name in os.listdir(tmp_path) if not name.startswith(".predictions.csv.staging-")] == []
 
 
 def test_file_list_with_a_missing_entry(local_ray, exported_model, labelled_folder, tmp_path):
@@ -468,3 +479,99 @@ def test_predict_job_reports_usage_errors_without_traceback(exported_model, tmp_
 def test_config_overrides_reach_infer_settings():
     config = load_config(None, ["infer.batch_size=512", "infer.top_k=3", "infer.rows_per_file=100"])
     assert (config.infer.batch_size, config.infer.top_k, config.infer.rows_per_file) == (512, 3, 100)
+
+
+def test_a_stopped_job_continues_with_the_files_that_remain(local_ray, tmp_path):
+    """``ray job stop`` (SIGTERM to the driver) half-way through 2,000 images, then the same
+    command: every file once in the output, and the files done before the stop not again."""
+    import signal
+    import time
+
+    from pipeline.config import ModelConfig
+    from pipeline.models import build_model
+    from pipeline.models.saving import model_metadata, save_export
+
+    rng = np.random.default_rng(0)
+    for index in range(2000):
+        folder = tmp_path / "images" / CLASS_NAMES[index % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{index:04d}.png")
+    # A full-width ResNet-18: slow enough on 2 CPUs (tens of seconds) to be stopped half-way.
+    model = build_model(ModelConfig(), num_classes=2, image_size=32, mean=[127.0] * 3, std=[70.0] * 3)
+    export = save_export(model, model_metadata(kind="export", class_names=CLASS_NAMES[:2], image_size=32,
+                                               config=to_dict(Config()), mean=[127.0] * 3, std=[70.0] * 3),
+                         str(tmp_path / "export"))
+    output = tmp_path / "out" / "predictions.csv"
+    command = [sys.executable, os.path.join(REPO_ROOT, "jobs/predict.py"), "--address",
+               local_ray_address(), "--model", export, "--input", str(tmp_path / "images"), "--output", str(output),
+               "--set", "infer.batch_size=50"]
+    first = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+
+    def committed_parts():
+        return sorted((tmp_path / "out").glob(".predictions.csv.staging-*/predictions/*.parquet"))
+
+    deadline = time.time() + 300
+    while len(committed_parts()) < 4 and first.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert first.poll() is None, first.stdout.read().decode()[-3000:]
+    first.send_signal(signal.SIGTERM)
+    stopped = first.communicate(timeout=120)[0].decode()
+    assert first.returncode == 143, stopped[-3000:]
+    assert "the files classified so far are kept" in stopped
+    assert not output.exists()  # nothing to mistake for a result
+    done = set()
+    for part in committed_parts():
+        try:
+            done.update(pq.read_table(part, columns=["path"]).column("path").to_pylist())
+        except Exception:  # a part the stop cut short: the next run deletes it and redoes its files
+            pass
+    assert 0 < len(done) < 2000
+
+    second = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "predictions.summary.json").read_text())
+    assert summary["done_before"] == len(done)  # not classified again
+    assert f"continuing: {len(done):,} of 2,000 files" in second.stdout
+    predictions = pd.read_csv(output)
+    assert len(predictions) == predictions["path"].nunique() == summary["classified"] == 2000
+    assert summary["accuracy"]["images"] == 2000
+    _no_staging_left(tmp_path / "out")
+
+
+def local_ray_address() -> str:
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
+def test_a_read_that_may_pass_is_tried_again_and_a_missing_file_is_not():
+    from pipeline.infer.predictor import read_with_retries
+
+    calls = []
+
+    def flaky(path):
+        calls.append(path)
+        if len(calls) < 3:
+            raise OSError("AWS Error SLOW_DOWN during GetObject operation: Please reduce your request rate.")
+        return b"bytes"
+
+    assert read_with_retries("s3://bucket/a.jpg", flaky, pauses=(0, 0, 0)) == b"bytes" and len(calls) == 3
+
+    def missing(path):
+        calls.append(path)
+        raise FileNotFoundError(path)
+
+    calls.clear()
+    with pytest.raises(FileNotFoundError):
+        read_with_retries("gone.jpg", missing, pauses=(0, 0, 0))
+    assert len(calls) == 1
+
+    def down(path):
+        calls.append(path)
+        raise OSError("connection reset")
+
+    calls.clear()
+    with pytest.raises(OSError, match="connection reset"):
+        read_with_retries("s3://bucket/b.jpg", down, pauses=(0, 0))
+    assert len(calls) == 3

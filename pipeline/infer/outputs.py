@@ -42,9 +42,12 @@ OTHER_FILE_EXTENSIONS = (".json", ".jsonl", ".ndjson", ".txt", ".tsv", ".xls", "
                          ".orc", ".avro", ".npy", ".npz", ".pkl", ".h5", ".hdf5", ".db", ".sqlite")
 
 
-def output_layout(output: str) -> OutputLayout:
+def output_layout(output: str, resume_key: Optional[str] = None) -> OutputLayout:
+    """Where the predictions, errors, summary and plot go for ``output``, and the staging folder the
+    parts are written to first: named by ``resume_key`` (the same model, settings and input), so
+    that the same command after a failure or a stop finds the parts it already wrote."""
     output = storage.absolute(output)
-    run_id = f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+    run_id = resume_key or f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
     lower = output.lower()
     # The staging folder and the outputs go beside a file output, into a folder output.
     folder = output if not lower.endswith(('.csv', '.parquet', '.pq')) else posixpath.dirname(output)
@@ -138,6 +141,37 @@ def read_staged_errors(errors_dir: str) -> pa.Table:
     return table.cast(ERROR_SCHEMA)
 
 
+def committed_paths(staging: str) -> set[str]:
+    """The files a stopped or failed run of the same command already classified or failed: the
+    ``path`` column of every whole Parquet part in ``staging``. A part cut short by the stop (no
+    Parquet footer) is deleted: its files are classified again."""
+    import pyarrow.parquet as pq
+
+    done: set[str] = set()
+    fs, inner = storage.filesystem(staging)
+    if fs.get_file_info(inner).type != pafs.FileType.Directory:
+        return done
+    for info in fs.get_file_info(pafs.FileSelector(inner, recursive=True)):
+        if info.type != pafs.FileType.File or not info.path.endswith(".parquet"):
+            continue
+        try:
+            with fs.open_input_file(info.path) as handle:
+                table = pq.read_table(handle, columns=["path"])
+        except (OSError, ValueError, pa.ArrowException):
+            fs.delete_file(info.path)
+            continue
+        done.update(table.column("path").to_pylist())
+    return done
+
+
+def other_stagings(layout: OutputLayout) -> list[str]:
+    """Staging folders of this output left by runs with another model, settings or input."""
+    parent, name = posixpath.split(layout.staging)
+    prefix = name[: name.rindex("-") + 1]
+    return [storage.join(parent, entry) for entry in storage.list_dir(parent)
+            if entry.startswith(prefix) and entry != name]
+
+
 def check_complete(files_seen: int, staged_predictions: str, errors: pa.Table) -> None:
     """Every listed file must be either classified or failed before any final output is written.
     A shortfall means parts were written where this driver cannot read them, for example to a
@@ -152,7 +186,7 @@ def check_complete(files_seen: int, staged_predictions: str, errors: pa.Table) -
             f"every node shares) for infer.input and infer.output")
 
 
-def finish_predictions(staged: str, layout: OutputLayout, schema: pa.Schema) -> int:
+def finish_predictions(staged: str, layout: OutputLayout, schema: pa.Schema, rows_per_file: int) -> int:
     """Write the final predictions; returns the number of classified files."""
     dataset = _parquet_dataset(staged)
     if layout.kind == "directory":
@@ -160,6 +194,8 @@ def finish_predictions(staged: str, layout: OutputLayout, schema: pa.Schema) -> 
             # Keep the layout (and the schema) even when nothing could be classified.
             write_table(schema.empty_table(), storage.join(staged, "part-empty.parquet"), "parquet")
         rows = dataset.count_rows() if dataset is not None else 0
+        if dataset is not None and len(dataset.files) > max(1, -(-rows // rows_per_file)):
+            staged = _compacted(dataset, schema, staged + "-compacted", rows_per_file)
         _move_parts(staged, layout.predictions)
         return rows
     # One file sorted by path, so that it can be joined or diffed. The sort needs the predictions
@@ -168,6 +204,28 @@ def finish_predictions(staged: str, layout: OutputLayout, schema: pa.Schema) -> 
     table = table.sort_by("path")
     write_table(table, layout.predictions, layout.kind)
     return table.num_rows
+
+
+def _compacted(dataset, schema: pa.Schema, target: str, rows_per_file: int) -> str:
+    """The staged parts (written a batch or so each, so that a stop keeps them) rewritten as parts
+    of about ``rows_per_file`` rows: fewer, larger files for whoever reads the output."""
+    pending, count, index = [], 0, 0
+
+    def flush():
+        nonlocal pending, count, index
+        write_table(pa.Table.from_batches(pending, schema=schema), storage.join(target, f"part-{index:05d}.parquet"),
+                    "parquet")
+        pending, count, index = [], 0, index + 1
+
+    for batch in dataset.to_batches(columns=schema.names):
+        pending.append(pa.RecordBatch.from_arrays([batch.column(name).cast(field.type) for name, field in
+                                                   zip(schema.names, schema)], schema=schema))
+        count += batch.num_rows
+        if count >= rows_per_file:
+            flush()
+    if pending:
+        flush()
+    return target
 
 
 def accuracy_report(staged: str, class_names: list[str]) -> dict:

@@ -57,6 +57,25 @@ def _bucket_filesystem(bucket_uri: str) -> pafs.FileSystem:
     return pafs.FileSystem.from_uri(bucket_uri)[0]
 
 
+# A read that fails for a reason that may pass (object-store throttling, a connection reset) is
+# tried again after these pauses (seconds); a missing file or a denied permission fails at once.
+READ_RETRY_PAUSES = (0.5, 2.0, 5.0)
+
+
+def read_with_retries(path: str, read=None, pauses=READ_RETRY_PAUSES) -> bytes:
+    """``path``'s bytes, retrying transient failures (``pauses``), never a missing or forbidden file."""
+    read = read or _read_file
+    for pause in (*pauses, None):
+        try:
+            return read(path)
+        except (FileNotFoundError, PermissionError, IsADirectoryError):
+            raise
+        except OSError:
+            if pause is None:
+                raise
+            time.sleep(pause)
+
+
 def _read_file(path: str) -> bytes:
     scheme = scheme_of(path)
     if scheme in ("s3://", "gs://", "gcs://"):
@@ -82,7 +101,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, image_size: int, errors_dir: s
     images, good, errors = [], [], []
     for position, path in enumerate(paths):
         try:
-            data = _read_file(path)
+            data = read_with_retries(path)
         except Exception as error:  # missing, permission denied, network: the file, not the job
             errors.append((path, f"cannot read file: {error}"))
             continue

@@ -14,11 +14,11 @@ import numpy as np
 import pyarrow as pa
 
 import pipeline
-from pipeline import InputError, NotFound, storage
-from pipeline.config import Config
+from pipeline import InputError, NotFound, PipelineError, storage
+from pipeline.config import Config, fingerprint
 from pipeline.infer.inputs import folders_not_in_classes, labels_from_folders, resolve_inputs
-from pipeline.infer.outputs import (accuracy_report, check_complete, finish_predictions, output_layout,
-                                    read_staged_errors, write_table)
+from pipeline.infer.outputs import (accuracy_report, check_complete, committed_paths, finish_predictions,
+                                    other_stagings, output_layout, read_staged_errors, write_table)
 from pipeline.infer.predictor import Predictor, decode_batch, prediction_schema, read_model_metadata
 
 # The driver puts the path list into the object store as at most this many blocks: enough for
@@ -99,10 +99,13 @@ def run_inference(config: Config, address: Optional[str] = None) -> dict:
         raise InputError("no output given: set --output (or infer.output) to predictions.csv, "
                          "predictions.parquet or a directory (a single image without --output is "
                          "classified and printed instead)")
-    layout = output_layout(settings.output)
     model_dir, metadata = read_model_metadata(settings.model)
     class_names = [str(name) for name in metadata["class_names"]]
     image_size = int(metadata["image_size"])
+    # The same command again (same model, input and top-k) continues from the parts it wrote.
+    input_spec = settings.input if storage.is_uri(settings.input or "") else storage.absolute(settings.input or "")
+    layout = output_layout(settings.output, fingerprint({"model": model_dir, "created": metadata.get("created"),
+                                                         "input": input_spec, "top_k": settings.top_k}))
 
     stage_seconds = {}
     log.info(f"listing {settings.input}")
@@ -130,18 +133,31 @@ def run_inference(config: Config, address: Optional[str] = None) -> dict:
     _warn_if_no_cpu_left_for_decoding(settings)
     storage.delete(layout.summary)  # an older summary would vouch for the new, still partial output
     storage.delete(layout.confusion_matrix)  # and an older plot would outlive an unlabelled run
+    for stale in other_stagings(layout):
+        log.info(f"removing {stale}: parts of a run with another model, input or top-k")
+        storage.delete(stale)
     staged_predictions = storage.join(layout.staging, "predictions")
     staged_errors = storage.join(layout.staging, "errors")
+    staged_actors = storage.join(layout.staging, "actors")
+    files_seen = len(paths)
+    done = committed_paths(layout.staging)
+    if done:
+        keep = np.fromiter((path not in done for path in paths), dtype=bool, count=len(paths))
+        paths = [path for path, todo in zip(paths, keep) if todo]
+        labels = labels[keep] if labels is not None else None
+        log.info(f"continuing: {files_seen - len(paths):,} of {files_seen:,} files were classified (or failed) by "
+                 f"an earlier run of this command and are kept; {len(paths):,} to go")
     storage.makedirs(staged_errors)
+    classified_before = files_seen - len(paths)
     try:
         log.info(f"decoding and classifying: batch {settings.batch_size}, {settings.num_actors} model "
                  f"actor(s) x {settings.cpus_per_actor:g} CPU / {settings.gpus_per_actor:g} GPU")
         clock = time.perf_counter()
-        files_seen = len(paths)
-        staged_actors = storage.join(layout.staging, "actors")
-        predictions = build_dataset(paths, labels, model_dir, image_size, staged_errors, settings, staged_actors)
-        del paths, labels  # the object store holds the path blocks now; the driver needs neither list
-        predictions.write_parquet(staged_predictions, min_rows_per_file=settings.rows_per_file)
+        if paths:
+            predictions = build_dataset(paths, labels, model_dir, image_size, staged_errors, settings, staged_actors)
+            del paths, labels  # the object store holds the path blocks now; the driver needs neither list
+            # A part per batch or so: what a stop leaves committed, and the next run keeps.
+            predictions.write_parquet(staged_predictions, min_rows_per_file=settings.batch_size)
         stage_seconds["decode_and_classify"] = round(time.perf_counter() - clock, 3)
 
         log.info(f"writing {layout.predictions}")
@@ -151,7 +167,7 @@ def run_inference(config: Config, address: Optional[str] = None) -> dict:
         write_table(errors, layout.errors, "csv")
         failed = errors.num_rows
         accuracy = accuracy_report(staged_predictions, class_names) if labelled else None
-        classified = finish_predictions(staged_predictions, layout, prediction_schema(labelled))
+        classified = finish_predictions(staged_predictions, layout, prediction_schema(labelled), settings.rows_per_file)
         outputs = {"predictions": layout.predictions, "errors": layout.errors}
         if accuracy is not None:
             from pipeline import reports
@@ -163,8 +179,12 @@ def run_inference(config: Config, address: Optional[str] = None) -> dict:
         actors = [storage.read_json(storage.join(staged_actors, name)) for name in storage.list_dir(staged_actors)
                   if name.endswith(".json")]
         stage_seconds["write_outputs"] = round(time.perf_counter() - clock, 3)
-    finally:
-        storage.delete(layout.staging)
+    except BaseException:
+        kept = len(committed_paths(layout.staging))
+        log.warning(f"{kept:,} of {files_seen:,} files are classified (or failed) and kept in {layout.staging}; "
+                    f"the same command continues with the rest")
+        raise
+    storage.delete(layout.staging)
 
     elapsed = time.perf_counter() - started
     summary = {
@@ -174,6 +194,8 @@ def run_inference(config: Config, address: Optional[str] = None) -> dict:
         "files_seen": files_seen,
         "classified": classified,
         "failed": failed,
+        # Files an earlier, stopped run of the same command had done: not classified again.
+        "done_before": classified_before,
         "labelled": accuracy is not None,
         "accuracy": accuracy,
         "images_per_second": round(files_seen / elapsed, 2) if elapsed > 0 else None,
@@ -187,4 +209,8 @@ def run_inference(config: Config, address: Optional[str] = None) -> dict:
         "provenance": pipeline.provenance(),
     }
     storage.write_json(layout.summary, summary)  # last: its presence marks the outputs complete
+    if files_seen and failed / files_seen > settings.max_failed_fraction:
+        raise PipelineError(f"{failed:,} of {files_seen:,} files ({failed / files_seen:.1%}) could not be read or "
+                            f"decoded, more than infer.max_failed_fraction={settings.max_failed_fraction}; the "
+                            f"outputs are complete, the reasons are in {layout.errors}")
     return summary
