@@ -13,7 +13,6 @@ scaled learning rate) are computed in one place each: ``batch_sizes`` and ``scal
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import math
@@ -26,6 +25,7 @@ from typing import Any, Optional
 import yaml
 
 from pipeline import InputError
+from pipeline.suggest import did_you_mean
 
 
 class ConfigError(InputError):
@@ -434,13 +434,6 @@ def _all_keys() -> list[str]:
         if section.name != "recipe":
             keys += [f"{section.name}.{f.name}" for f in dataclasses.fields(section.default_factory())]
     return keys
-
-
-def did_you_mean(wrong: str, candidates: list[str]) -> str:
-    """``"; did you mean 'x'?"`` for the closest candidate to a mistyped name, or ``""``: the one
-    wording of every "unknown ..." message (keys, sections, choices, models, distributions)."""
-    close = difflib.get_close_matches(str(wrong), candidates, n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 def _section(config: Config, name: str):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from pipeline.config import did_you_mean
+from pipeline.suggest import did_you_mean
 
 BLOCK_TYPES = ("basic", "bottleneck")
 

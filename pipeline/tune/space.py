@@ -21,8 +21,8 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import (
-    Config, ConfigError, check_value, did_you_mean, field_base_type, from_dict, to_dict, validate)
+from pipeline.config import Config, ConfigError, check_value, field_base_type, from_dict, to_dict, validate
+from pipeline.suggest import did_you_mean
 
 DISTRIBUTIONS = ("loguniform", "uniform", "integer", "choice", "grid")
 RANGES = ("loguniform", "uniform", "integer")
