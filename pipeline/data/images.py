@@ -49,11 +49,11 @@ def decode_image(data: bytes, image_size: int, *, reduce: bool = True) -> np.nda
     (what a dropped alpha channel shows), CMYK converted, 16-bit scaled to 8-bit. The resize is
     a plain bicubic resize to a square, as the original tutorial's ``img.resize((32, 32))``.
 
-    A picture much larger than the target is first reduced to no less than twice the target on
-    each side: a JPEG while it is decoded (draft mode: the decoder scales by 1/2, 1/4 or 1/8 in the
-    DCT domain, skipping most of the work), other formats by box averaging (``Image.reduce``). A
-    12 MP photo to 32 px then costs a sixth of a full decode, with pixels within a few levels of
-    it (BENCHMARKS.md). ``reduce=False``: the full decode, for comparisons.
+    A picture much larger than the target is first reduced: a JPEG while it is decoded, to no less
+    than twice the target on each side (draft mode: the decoder scales by 1/2, 1/4 or 1/8 in the
+    DCT domain, skipping most of the work), other formats to four times the target by box averaging
+    (``Image.reduce``). A 12 MP photo to 32 px then costs a seventh of a full decode, with the same
+    accuracy (BENCHMARKS.md). ``reduce=False``: the full decode, for comparisons.
     """
     if not data:
         raise UnreadableImage("empty file (0 bytes)")
@@ -61,7 +61,8 @@ def decode_image(data: bytes, image_size: int, *, reduce: bool = True) -> np.nda
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
-                if reduce and image.format == "JPEG":
+                drafted = reduce and image.format == "JPEG"
+                if drafted:
                     image.draft("RGB", (2 * image_size, 2 * image_size))  # at least this on both sides
                 image.load()
                 rgb = _to_rgb(upright(image))
@@ -71,8 +72,10 @@ def decode_image(data: bytes, image_size: int, *, reduce: bool = True) -> np.nda
         # PIL names the in-memory buffer ("<_io.BytesIO object at 0x...>"): noise in a report.
         reason = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(error)) or type(error).__name__
         raise UnreadableImage(f"cannot decode image: {reason}") from None
-    if reduce:
-        factors = tuple(max(1, side // (2 * image_size)) for side in rgb.size)
+    if reduce and not drafted:
+        # Box averaging is a coarser filter than the DCT scaling: it stops at four times the target,
+        # where the bicubic resize's own smoothing takes over (measured in BENCHMARKS.md).
+        factors = tuple(max(1, side // (4 * image_size)) for side in rgb.size)
         if factors != (1, 1):
             rgb = rgb.reduce(factors)
     if rgb.size != (image_size, image_size):
