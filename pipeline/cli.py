@@ -15,6 +15,7 @@ exits with 130 or 143.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
@@ -134,17 +135,22 @@ def run(args) -> int:
 
             check_tracking(config)
         # Before Ray starts: a cluster address where nothing answers, bad outputs, and a missing,
-        # empty or damaged source, each fail in a second.
+        # empty or damaged source, each fail in a second. Joining a cluster is quick, and what it
+        # refuses (local paths on several nodes, its token) comes first there; starting a local Ray
+        # takes 10-20 s, so the source is checked before it.
         runtime.check_address(args.address)
         preflight.check_before_ray(config, args.command)
         force = getattr(args, "force", False)
-        source = source_to_build(config, args.command, force)
+        joining = bool(args.address or os.environ.get("RAY_ADDRESS"))
+        source = None if joining else source_to_build(config, args.command, force)
+        trials = runtime.local_trials(config) if args.command == "tune" else 1
+        connect_and_check(config, args, num_cpus=None if args.command == "preprocess"
+                          else runtime.local_cpus_for_training(config, trials))
+        if joining:
+            source = source_to_build(config, args.command, force)
         if args.command == "preprocess":
-            connect_and_check(config, args)
             print(summarize(run_preprocess(config, force=force, source=source)))
             return 0
-        trials = runtime.local_trials(config) if args.command == "tune" else 1
-        connect_and_check(config, args, num_cpus=runtime.local_cpus_for_training(config, trials))
         if source is not None:
             ensure_preprocessed(config, source)  # built once here; the stage then finds it current
         if args.command == "train":
@@ -188,6 +194,9 @@ def connect_and_check(config, args, num_cpus: int | None = None) -> None:
 
     runtime.connect(args.address, num_cpus=num_cpus)
     facts = preflight.cluster_facts()
+    tracking_note = preflight.settle_tracking(config, args.command, facts)
+    if tracking_note:
+        print(tracking_note, flush=True)
     preflight.check(config, args.command, facts)
     note = preflight.waiting_note(config, args.command, facts)
     if note:

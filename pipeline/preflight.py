@@ -137,6 +137,25 @@ def check_before_ray(config: Config, stage: str) -> None:
             storage.check_writable_folder(value, f"{key}={value}")
 
 
+def settle_tracking(config: Config, stage: str, facts: ClusterFacts) -> Optional[str]:
+    """``tracking.enabled: auto`` with the default local store on a cluster of several nodes: off,
+    with a note (runs and trials log from any node, which cannot reach this node's store). Asked
+    for explicitly (``true``), the same store is refused by ``check``."""
+    from pipeline import tracking
+
+    settings = config.tracking
+    if stage not in ("train", "tune") or settings.enabled != "auto" or not tracking.enabled(settings):
+        return None
+    if facts.multi_node and not facts.local and tracking.local_folder(settings) is not None:
+        shared = [storage.absolute(path) for path in config.run.shared_paths]
+        folder = tracking.local_folder(settings)
+        if not any(folder == root or folder.startswith(root.rstrip("/") + "/") for root in shared):
+            settings.enabled = False
+            return (f"[tracking] off: tracking.uri={settings.uri} is a local store, which the other nodes of this "
+                    f"cluster cannot reach; set tracking.uri to a tracking server (http://...) to track")
+    return None
+
+
 def check(config: Config, stage: str, facts: ClusterFacts) -> None:
     """Raise ConfigError if ``stage`` cannot work here as configured."""
     if facts.working_dir:

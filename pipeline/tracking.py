@@ -116,6 +116,13 @@ class Tracker:
         from mlflow.entities import Metric
 
         done = self.logged_epochs()
+        if any(row["epoch"] not in done for row in rows):
+            # The store's own record too: a process stopped between logging and writing tracking.json
+            # (a trial ASHA ends) must not have its epochs logged again.
+            steps: set = set()
+            self.call("reading the logged epochs", lambda client: steps.update(
+                point.step for point in client.get_metric_history(self.run_id, "loss")))
+            done |= steps
         rows = [row for row in rows if row["epoch"] not in done]
         if not rows:
             return

@@ -155,3 +155,24 @@ def test_an_autoscaling_cluster_that_must_grow_first_says_it_is_waiting():
     # Fixed clusters are refused by check() instead; predictions are not training workers.
     assert waiting_note(gpu_job, "train", facts(nodes=1, node_resources=head_only)) is None
     assert waiting_note(gpu_job, "predict", facts(nodes=1, autoscaling=True, node_resources=head_only)) is None
+
+
+def test_a_local_tracking_store_is_refused_on_several_nodes_and_auto_turns_off(tmp_path, monkeypatch):
+    from pipeline import tracking
+    from pipeline.preflight import settle_tracking
+
+    # As where MLflow is installed (the tests' own fixture keeps auto off).
+    monkeypatch.setattr(tracking, "enabled", lambda settings: settings.enabled in ("auto", True))
+    cloud = ["data.output=s3://bucket/data", "run.storage_path=s3://bucket/runs", "tune.storage_path=s3://bucket/s"]
+    asked = config(*cloud, "tracking.enabled=true", f"tracking.uri={tmp_path}/mlflow")
+    check(asked, "train", facts(nodes=1))
+    with pytest.raises(ConfigError, match=r"tracking.uri=.*/mlflow is a local path, but this cluster has 2 nodes"):
+        check(asked, "train", facts(nodes=2))
+    for uri in (f"{tmp_path}/mlflow", f"sqlite:///{tmp_path}/mlflow/mlflow.db"):
+        automatic = config(*cloud, f"tracking.uri={uri}")
+        note = settle_tracking(automatic, "tune", facts(nodes=2))
+        assert automatic.tracking.enabled is False and "set tracking.uri to a tracking server" in note
+        check(automatic, "tune", facts(nodes=2))  # off: nothing to refuse
+    server = config(*cloud, "tracking.uri=http://mlflow.internal:5000")
+    assert settle_tracking(server, "train", facts(nodes=3)) is None and server.tracking.enabled == "auto"
+    check(server, "train", facts(nodes=3))
