@@ -116,7 +116,7 @@ class Tracker:
         from mlflow.entities import Metric
 
         done = self.logged_epochs()
-        if any(row["epoch"] not in done for row in rows):
+        if self.down is None and any(row["epoch"] not in done for row in rows):
             # The store's own record too: a process stopped between logging and writing tracking.json
             # (a trial ASHA ends) must not have its epochs logged again.
             steps: set = set()
