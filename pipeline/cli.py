@@ -61,6 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(serving)
     serving.add_argument("--model", help="export dir, checkpoint dir or run dir")
 
+    drain = commands.add_parser(
+        "drain-on-preemption", help="on a spot node: when the cloud announces a reclaim, drain the node in Ray "
+        "with reason preemption and the deadline (see pipeline/preemption.py)")
+    drain.add_argument("--address", required=True, help="the head's GCS address, e.g. $RAY_HEAD_IP:6379")
+    drain.add_argument("--cloud", required=True, choices=["aws", "gcp"], help="whose metadata server to watch")
+    drain.add_argument("--temp-dir", help="this node's `ray start --temp-dir`, where one host runs several Ray "
+                       "nodes (default: the node at this host's IP)")
+    drain.add_argument("--metadata-url", help="the metadata server (default: the cloud's own)")
+    drain.add_argument("--poll-seconds", type=float, default=2.0, help="how often to ask (default 2)")
+
     show = commands.add_parser("config", help="print the resolved config (or every key with --keys)")
     add_config_arguments(show)
     show.add_argument("--keys", action="store_true", help="list every key with its default and meaning")
@@ -92,7 +102,7 @@ def what_was_kept(args) -> str:
         from pipeline.train.run import run_name
 
         return (f"run '{run_name(config)}' keeps its committed checkpoints; the same command resumes it from the "
-                f"latest (an epoch in progress is trained again)")
+                f"latest (what was trained after it is trained again)")
     if args.command == "tune":
         from pipeline.tune.search import search_name
 
@@ -109,6 +119,13 @@ def what_was_kept(args) -> str:
 def run(args) -> int:
     from pipeline import runtime
 
+    if args.command == "drain-on-preemption":
+        from pipeline.preemption import watch
+
+        args.loaded_config = None
+        watch(args.address, args.cloud, temp_dir=args.temp_dir, metadata_url=args.metadata_url,
+              poll_seconds=args.poll_seconds)
+        return 0
     config = load_config(args.config, args.overrides)
     args.loaded_config = config
     if args.command == "predict":
@@ -214,6 +231,11 @@ def print_training_summary(summary: dict) -> None:
     if "accuracy" in evaluation:
         print(f"  {evaluation['split']} ({evaluation['rows']} images): top-1 {evaluation['accuracy']:.4f}, "
               f"top-5 {evaluation['top5_accuracy']:.4f}, loss {evaluation['loss']:.4f}")
+    if len(summary.get("attempts", [])) > 1:  # restarts (failures, preemptions) and elastic resizes
+        print("  attempts: " + "; ".join(
+            f"{attempt['workers']} worker(s) from epoch {attempt['from_epoch'] + 1}"
+            + (f" step {attempt['from_step']}" if attempt["from_step"] else "")
+            + f", finished epochs {attempt['epochs'] or 'none'}" for attempt in summary["attempts"]))
     print(f"  model: {summary['export']}\n  summary: {summary['run_dir']}/summary.json")
     print_tracking(summary.get("tracking"))
 

@@ -150,6 +150,20 @@ class TrainConfig:
     checkpoints_to_keep: int = param(
         1, "best checkpoints kept by val_accuracy; the latest is always kept as well", min=1)
     max_failures: int = param(2, "restarts from the latest checkpoint after a worker dies", min=-1)
+    max_preemptions: int = param(
+        -1, "restarts after a node of the run is reclaimed (drained with reason preemption: a spot or "
+        "preemptible node, see cluster/README.md); not counted in max_failures; -1: no limit", min=-1)
+    stall_timeout_seconds: float = param(
+        900.0, "a worker that finishes no step (or checkpoint) for this long while training ends itself, and "
+        "Ray Train restarts the attempt from the latest checkpoint: a worker hung in a call that never returns "
+        "would otherwise hold the run forever; 0: never", min=0.0)
+    checkpoint_every_steps: int = param(
+        0, "also checkpoint inside an epoch every N optimizer steps (long epochs); a restart resumes at "
+        "that step; 0: at epoch ends only", min=0)
+    preemption_check_steps: int = param(
+        1, "ask Ray Train every N steps whether a node of the run is being reclaimed (every worker at the "
+        "same steps); on a notice a checkpoint is written at once and again just before the deadline; "
+        "0: never", min=0)
     seed: Optional[int] = param(
         0, "seed of the initial weights, the augmentation, each worker's shuffle buffer and the "
         "shard-file order (both per epoch); null: all random", min=0)
@@ -157,7 +171,17 @@ class TrainConfig:
 
 @dataclass
 class ScalingConfig:
-    num_workers: int = param(1, "Ray Train workers (one TensorFlow replica each)", min=1)
+    num_workers: int = param(
+        1, "Ray Train workers (one TensorFlow replica each); [min, max] (or min_workers) for elastic training",
+        min=1)
+    min_workers: Optional[int] = param(
+        None, "elastic training: when nodes are lost and none come back (no spot capacity) the run goes on "
+        "with as few as this many workers, and grows back to num_workers when nodes return (a restart "
+        "from the latest checkpoint, checked every resize_check_seconds). The global batch and learning "
+        "rate stay as configured: each worker takes global_batch_size / workers. null: always num_workers",
+        min=1)
+    resize_check_seconds: float = param(
+        60.0, "elastic training: how often Ray Train looks for room to grow the run back", min=0.0)
     use_gpu: bool = param(False, "give each worker GPUs")
     gpus_per_worker: float = param(
         1.0, "GPUs per worker when use_gpu: a fraction below 1 lets workers share a GPU (small models); "
@@ -288,6 +312,10 @@ class TuneConfig:
         "trials then always exploit) instead of each trial on its own when it gets there (asynchronous: "
         "no pauses, but an exploit needs the better trial to have reached a point first)")
     seed: Optional[int] = param(0, "seed of the search algorithm's sampling (null: random)", min=0)
+    max_trial_failures: int = param(
+        2, "retries of a trial whose driver was lost (its node reclaimed) or whose run failed past "
+        "train.max_failures; it resumes from its own latest checkpoint. A diverged run or a bad "
+        "combination of values is final, never retried", min=0)
 
 
 @dataclass
@@ -306,13 +334,19 @@ class Config:
 
 # ---------------------------------------------------------------- derived values (one place each)
 
-def batch_sizes(config: Config) -> tuple[int, int]:
-    """(per_worker_batch_size, global_batch_size): exactly one is configured, the other derived."""
-    workers = config.scaling.num_workers
+def batch_sizes(config: Config, workers: Optional[int] = None) -> tuple[int, int]:
+    """(per_worker_batch_size, global_batch_size) with ``workers`` workers (default
+    scaling.num_workers; an elastic run's actual count): one is configured, the other derived."""
+    workers = workers or config.scaling.num_workers
     train = config.train
     if train.per_worker_batch_size is not None:
         return train.per_worker_batch_size, train.per_worker_batch_size * workers
     if train.global_batch_size % workers:
+        if workers != config.scaling.num_workers:
+            raise ConfigError(
+                f"train.global_batch_size={train.global_batch_size} is not divisible by {workers} workers, a "
+                f"count elastic training may shrink to (scaling.min_workers={config.scaling.min_workers}); "
+                f"choose a batch divisible by every count from min_workers to num_workers")
         raise ConfigError(
             f"train.global_batch_size={train.global_batch_size} is not divisible by "
             f"scaling.num_workers={workers}; change one, or set train.per_worker_batch_size")
@@ -327,10 +361,10 @@ def replicas_per_worker(config: Config) -> int:
     return int(scaling.gpus_per_worker) if scaling.use_gpu and scaling.gpus_per_worker >= 1 else 1
 
 
-def per_replica_batch_size(config: Config) -> int:
+def per_replica_batch_size(config: Config, workers: Optional[int] = None) -> int:
     """Examples each replica takes per step: what a worker's input pipeline batches by, since every
     replica draws its own batch from the worker's dataset."""
-    per_worker, _ = batch_sizes(config)
+    per_worker, _ = batch_sizes(config, workers)
     replicas = replicas_per_worker(config)
     if per_worker % replicas:
         raise ConfigError(
@@ -445,6 +479,13 @@ def _section(config: Config, name: str):
 
 
 def _set(section, section_name: str, key: str, value) -> None:
+    if f"{section_name}.{key}" == "scaling.num_workers" and isinstance(value, list):
+        # Ray Train's own spelling of elastic training, (min, max): kept as min_workers + num_workers.
+        if len(value) != 2:
+            raise ConfigError(f"config key 'scaling.num_workers' must be a number of workers or [min, max], "
+                              f"got {value!r}")
+        _set(section, section_name, "min_workers", value[0])
+        value = value[1]
     setattr(section, key, check_value(f"{section_name}.{key}", value, check_rules=False))
 
 
@@ -548,6 +589,17 @@ def validate(config: Config) -> None:
         raise ConfigError("set exactly one of train.global_batch_size and train.per_worker_batch_size "
                           "(the other is derived from scaling.num_workers); set the other to null")
     per_replica_batch_size(config)
+    scaling = config.scaling
+    if scaling.min_workers is not None:
+        if scaling.min_workers > scaling.num_workers:
+            raise ConfigError(f"scaling.min_workers={scaling.min_workers} is above scaling.num_workers="
+                              f"{scaling.num_workers}")
+        if train.per_worker_batch_size is not None:
+            raise ConfigError("elastic training (scaling.min_workers) keeps the global batch fixed, so that the "
+                              "learning rate and the steps of an epoch do not change with the worker count: set "
+                              "train.global_batch_size instead of train.per_worker_batch_size")
+        for workers in range(scaling.min_workers, scaling.num_workers):
+            per_replica_batch_size(config, workers)  # every count the run may shrink to divides the batch
     gpus = config.scaling.gpus_per_worker
     if config.scaling.use_gpu and gpus > 1 and gpus != int(gpus):
         raise ConfigError(f"scaling.gpus_per_worker={gpus:g}: above 1 it must be a whole number of GPUs "

@@ -206,17 +206,24 @@ def _check_resources(config: Config, stage: str, facts: ClusterFacts) -> None:
 
         runs = config.tune.max_concurrent_trials or concurrent_trials_that_fit(
             config, {"CPU": facts.cpus, "GPU": facts.gpus})
+    # An elastic run starts with min_workers, and then takes as many workers as fit, up to num_workers.
+    fewest = scaling.min_workers or scaling.num_workers
     if scaling.use_gpu and scaling.gpus_per_worker:
-        wanted = runs * scaling.num_workers * scaling.gpus_per_worker
+        wanted = runs * fewest * scaling.gpus_per_worker
         if facts.gpus < wanted:
             raise ConfigError(
-                f"scaling.use_gpu=true asks for {wanted:g} GPUs ({_runs(runs)}scaling.num_workers={scaling.num_workers} "
+                f"scaling.use_gpu=true asks for {wanted:g} GPUs ({_runs(runs)}{_workers_key(scaling)}={fewest} "
                 f"x scaling.gpus_per_worker={scaling.gpus_per_worker:g}), and this cluster has {facts.gpus:g} and no "
                 f"autoscaler: the run would wait forever. Lower them, or add GPU nodes")
-    reserved = runs * scaling.num_workers * scaling.cpus_per_worker
+    workers = scaling.num_workers
+    if scaling.min_workers and scaling.cpus_per_worker:
+        workers = max(fewest, min(workers, int(facts.cpus // (runs * scaling.cpus_per_worker))))
+    reserved = runs * workers * scaling.cpus_per_worker
     if facts.cpus - reserved < 1:
         raise ConfigError(
-            f"{_runs(runs)}scaling.num_workers={scaling.num_workers} x scaling.cpus_per_worker="
+            f"{_runs(runs)}" + (f"{workers} elastic workers (scaling.min_workers={scaling.min_workers} to "
+                                f"num_workers={scaling.num_workers}, as many as fit)" if scaling.min_workers
+                                else f"scaling.num_workers={scaling.num_workers}") + " x scaling.cpus_per_worker="
             f"{scaling.cpus_per_worker:g} reserve {reserved:g} of this cluster's {facts.cpus:g} CPUs, leaving "
             f"none for the Ray Data tasks that feed the workers: training would wait for input forever. "
             f"Lower scaling.cpus_per_worker (TensorFlow uses every core of its node whatever is reserved, "
@@ -278,6 +285,10 @@ def waiting_note(config: Config, stage: str, facts: ClusterFacts) -> Optional[st
     asked = ", ".join(f"{amount:g} {name}" for name, amount in request.items())
     return (f"the cluster's {facts.nodes} node(s) hold {fit} of the {wanted} training workers ({asked} each) now: "
             f"waiting for the autoscaler to add nodes (`ray status` shows the pending demand)")
+
+
+def _workers_key(scaling) -> str:
+    return "scaling.min_workers" if scaling.min_workers else "scaling.num_workers"
 
 
 def _runs(runs: int) -> str:

@@ -1,4 +1,5 @@
-"""A local filesystem whose second checkpoint upload fails once, as a storage outage would.
+"""A local filesystem whose second checkpoint upload fails once, as a storage outage would (or,
+with ``hang_seconds``, first hangs that long, as a black-holed connection does).
 
 ``PyFileSystem(FailSecondCheckpointUpload(markers))`` behaves as the local disk, except that the
 first file written into the second ``checkpoint_*`` folder raises ``OSError``, once per
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 
 import pyarrow.fs as pafs
 
@@ -17,8 +19,8 @@ CHECKPOINT = re.compile(r"/(checkpoint_[^/]+)/")
 
 
 class FailSecondCheckpointUpload(pafs.FileSystemHandler):
-    def __init__(self, markers: str):
-        self.markers = markers
+    def __init__(self, markers: str, hang_seconds: float = 0.0):
+        self.markers, self.hang_seconds = markers, hang_seconds
         self.local = pafs.LocalFileSystem()
 
     def failed(self) -> bool:
@@ -31,13 +33,16 @@ class FailSecondCheckpointUpload(pafs.FileSystemHandler):
             seen = {name[len("seen-"):] for name in os.listdir(self.markers) if name.startswith("seen-")}
             if seen - {found.group(1)}:
                 open(os.path.join(self.markers, "failed"), "w").close()
+                if self.hang_seconds:  # a black-holed connection: the call never returns
+                    time.sleep(self.hang_seconds)
                 raise OSError(f"injected: storage unavailable while writing {path}")
             open(os.path.join(self.markers, f"seen-{found.group(1)}"), "w").close()
         return self.local.open_output_stream(path, metadata=metadata)
 
     # Everything else is the local disk's.
     def __eq__(self, other):
-        return isinstance(other, FailSecondCheckpointUpload) and other.markers == self.markers
+        return (isinstance(other, FailSecondCheckpointUpload) and other.markers == self.markers
+                and other.hang_seconds == self.hang_seconds)
 
     def __ne__(self, other):
         return not self == other

@@ -90,7 +90,7 @@ def worker_node(gcs: str, env: dict, num_cpus: int, expected_nodes: int, temp_di
         while alive_nodes(gcs, env) < expected_nodes:
             assert worker.poll() is None and time.time() < deadline, "the worker node did not join"
             time.sleep(2)
-        yield
+        yield worker
     finally:
         stop_node(worker)
 

@@ -14,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.parametrize("command, kept", [
     ("train", "run 'smoke' keeps its committed checkpoints; the same command resumes it from the latest "
-              "(an epoch in progress is trained again)"),
+              "(what was trained after it is trained again)"),
     ("tune", "search 'smoke' keeps its finished trials and checkpoints; the same command resumes it"),
     ("preprocess", "nothing was committed (the manifest is written last); the same command builds again"),
     ("predict", "the files classified so far are kept (outputs appear only when complete); the same command "

@@ -34,7 +34,9 @@ import ray.autoscaler
 # neither boto3 nor the Google client, so nothing needs mocking (the no_network fixture proves it).
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from pipeline.cli import build_parser
 from pipeline.runtime import WORKER_ENV_VARS
+from pipeline.tune.search import HEAD_RESOURCE
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER_CONFIGS = {"aws": REPO / "ray-cluster.yaml", "gcp": REPO / "cluster" / "gcp.yaml"}
@@ -166,8 +168,10 @@ def product_problems(raw: dict) -> list[str]:
     config = prepare_config(copy.deepcopy(raw))
     types = config["available_node_types"]
     head = types[config["head_node_type"]]
-    if head["resources"] != {"CPU": 0}:
+    if head["resources"].get("CPU") != 0:
         problems.append(f"head resources {head['resources']}: training work could land on the head")
+    if not head["resources"].get(HEAD_RESOURCE, 0) >= 1:
+        problems.append(f"the head does not advertise {HEAD_RESOURCE}: Tune trial drivers could land on spot nodes")
     gpus = gpu_types(config)
     if not any(node["resources"]["GPU"] == 1 for node in gpus.values()):
         problems.append("no 1-GPU worker type")
@@ -215,6 +219,16 @@ def product_problems(raw: dict) -> list[str]:
             problems.append(f"head start command lacks {flag}")
     if not any("--address=$RAY_HEAD_IP:6379" in command for command in worker_start):
         problems.append("worker start command does not join the head")
+    # The preemption watcher, started after Ray on every worker, with a command line our CLI takes.
+    cloud = {"aws": "aws", "gcp": "gcp"}[config["provider"]["type"]]
+    watchers = [shlex.split(part.split("nohup", 1)[1].split(">", 1)[0]) for part in worker_start
+                if "nohup pipeline drain-on-preemption" in part]
+    if not watchers:
+        problems.append("worker nodes do not run `pipeline drain-on-preemption`")
+    for words in watchers:
+        args = build_parser().parse_args(words[1:])
+        if (args.address, args.cloud) != ("$RAY_HEAD_IP:6379", cloud):
+            problems.append(f"the preemption watcher watches {args.cloud} for {args.address}")
     return problems
 
 
@@ -263,6 +277,9 @@ def test_broken_launcher_configs_are_rejected(cloud):
         ("setup_commands", ['pip install "tensorflow==2.21.*" "tf-keras==2.20.*"',
                             f"pip install -e {PROJECT_MOUNT}"], "different minor versions"),
         ("worker_start_ray_commands", ["ray stop", "ray start --head"], "does not join the head"),
+        ("worker_start_ray_commands", ["ray stop", "ray start --address=$RAY_HEAD_IP:6379"],
+         "do not run `pipeline drain-on-preemption`"),
+        (f"available_node_types/{head}/resources", {"CPU": 0}, "does not advertise trial_driver"),
     ):
         assert any(expected in problem for problem in product_problems(_set(raw, path, value))), path
 
@@ -395,8 +412,10 @@ def auth_problems(env: list[dict], where: str) -> tuple[list[str], set]:
     return problems, secrets
 
 
-def ray_cluster_spec_problems(spec: dict, image: str) -> tuple[list[str], set]:
-    """The fields KubeRay requires, autoscaling from zero GPU pods, token auth on every container."""
+def ray_cluster_spec_problems(spec: dict, image: str, head_cpus: str = "0") -> tuple[list[str], set]:
+    """The fields KubeRay requires, autoscaling from zero GPU pods, token auth on every container,
+    the head advertising ``trial_driver`` (and ``head_cpus`` CPUs: none, except for a RayJob's
+    driver that preprocesses there)."""
     problems, secrets = [], set()
 
     def check_auth(env, where):
@@ -409,8 +428,11 @@ def ray_cluster_spec_problems(spec: dict, image: str) -> tuple[list[str], set]:
     check_auth((spec.get("autoscalerOptions") or {}).get("env"), "autoscaler")
     head = spec["headGroupSpec"]
     params = head.get("rayStartParams")
-    if not isinstance(params, dict) or params.get("num-cpus") != "0" or params.get("dashboard-host") != "0.0.0.0":
-        problems.append(f"head rayStartParams {params}: want num-cpus '0' and dashboard-host 0.0.0.0")
+    if not isinstance(params, dict) or params.get("num-cpus") != head_cpus or params.get("dashboard-host") != "0.0.0.0":
+        problems.append(f"head rayStartParams {params}: want num-cpus {head_cpus!r} and dashboard-host 0.0.0.0")
+    elif json.loads(json.loads(params.get("resources", '"{}"'))).get(HEAD_RESOURCE, 0) < 1:
+        problems.append(f"head rayStartParams {params}: {HEAD_RESOURCE} not advertised (trial drivers could "
+                        f"land on spot pods)")
     (head_container, *_) = head["template"]["spec"]["containers"]
     if head_container.get("image") != image:
         problems.append(f"head image {head_container.get('image')} is not {image}")
@@ -467,9 +489,14 @@ def kuberay_problems(doc: dict, image: str) -> list[str]:
             problems.append("RayJob keeps its cluster after the job (shutdownAfterJobFinishes)")
         if not isinstance(doc["spec"].get("ttlSecondsAfterFinished"), int):
             problems.append("RayJob has no ttlSecondsAfterFinished")
+        # The driver on the head, where losing a GPU pod cannot end the job; a failed job retried.
+        if json.loads(doc["spec"].get("entrypointResources") or "{}").get(HEAD_RESOURCE) is None:
+            problems.append(f"RayJob driver does not ask for {HEAD_RESOURCE}: it may run on a GPU pod")
+        if not doc["spec"].get("backoffLimit", 0) >= 1:
+            problems.append("RayJob has no backoffLimit: a failed job is never submitted again")
     else:
         return problems + [f"unexpected kind {doc.get('kind')}"]
-    found, secrets = ray_cluster_spec_problems(spec, image)
+    found, secrets = ray_cluster_spec_problems(spec, image, head_cpus="2" if doc["kind"] == "RayJob" else "0")
     problems += found
     if len(secrets) != 1:
         problems.append(f"containers read the token from different Secrets: {secrets}")
@@ -558,8 +585,11 @@ def test_rayjob_trains_on_gpus_with_the_worker_environment():
     assert settings["scaling.use_gpu"] == "true" and settings["scaling.num_workers"] == "2"
     assert settings["data.output"].startswith("s3://") and settings["run.storage_path"].startswith("s3://")
     assert yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"] == WORKER_ENV_VARS
-    # The head advertises no CPUs; a driver that preprocesses needs its node to run decode tasks.
-    assert spec["entrypointNumCpus"] >= 1
+    # The driver runs on the head (trial_driver) and reserves no CPU there: the head's CPUs are for
+    # the decode tasks of a driver that preprocesses (they run on its node).
+    assert spec["entrypointNumCpus"] == 0 and json.loads(spec["entrypointResources"]) == {HEAD_RESOURCE: 1}
+    params = spec["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]
+    assert int(params["num-cpus"]) >= 1
 
 
 def test_broken_kuberay_manifests_are_rejected():
@@ -582,6 +612,14 @@ def test_broken_kuberay_manifests_are_rejected():
         assert any(expected in problem for problem in kuberay_problems(broken, image)), expected
     # An image other than the Dockerfile's (e.g. the bare Ray image, which lacks TensorFlow).
     assert any("image" in problem for problem in kuberay_problems(doc, "rayproject/ray:2.60.0-py311-gpu"))
+    job = load(KUBERAY_MANIFESTS["rayjob"])
+    head_params = "spec/rayClusterSpec/headGroupSpec/rayStartParams"
+    for broken, expected in (
+        (_set(job, "spec/entrypointResources", "{}"), "may run on a GPU pod"),
+        (_set(job, "spec/backoffLimit", 0), "no backoffLimit"),
+        (_set(job, head_params, {"num-cpus": "2", "dashboard-host": "0.0.0.0"}), "trial_driver not advertised"),
+    ):
+        assert any(expected in problem for problem in kuberay_problems(broken, image)), expected
 
 
 # ------------------------------------------------------------------ runtime environment for ray job submit

@@ -121,3 +121,19 @@ def test_fingerprint_is_stable_and_sensitive():
     assert fingerprint(a) == fingerprint(b)
     b["train"]["epochs"] = 7
     assert fingerprint(a) != fingerprint(b)
+
+
+def test_elastic_worker_counts_keep_the_global_batch():
+    config = load_config(None, ["scaling.num_workers=[1, 4]", "train.global_batch_size=24"])
+    assert (config.scaling.min_workers, config.scaling.num_workers) == (1, 4)
+    # Each count the run may have divides the global batch: the learning rate and the steps of an
+    # epoch stay as configured whatever the worker count.
+    assert [batch_sizes(config, workers) for workers in (1, 2, 3, 4)] == [(24, 24), (12, 24), (8, 24), (6, 24)]
+    for overrides, message in (
+            (["scaling.num_workers=[2, 4]", "train.global_batch_size=16"], "not divisible by 3 workers"),
+            (["scaling.num_workers=[1, 2]", "train.global_batch_size=null", "train.per_worker_batch_size=8"],
+             "keeps the global batch fixed"),
+            (["scaling.num_workers=4", "scaling.min_workers=5", "train.global_batch_size=60"], "is above"),
+            (["scaling.num_workers=[1, 2, 3]"], "a number of workers or \\[min, max\\]")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, overrides)

@@ -3,7 +3,6 @@ submit` to them for real, with the repository as working directory: what a singl
 shows. Jobs that would fail late or hang on several nodes stop before work; a client without the
 token is refused and told what to set."""
 
-import json
 import os
 import subprocess
 import time
@@ -89,30 +88,6 @@ def test_joining_without_the_token_says_what_to_set(two_nodes, tmp_path):
         assert "Traceback" not in result.stderr
         # Asked once before ray.init, whose retries printed ~20 InvalidAuthToken warnings over 25 s.
         assert result.stderr.count("InvalidAuthToken") <= 1, result.stderr[-3000:]
-
-
-def test_two_workers_on_two_one_cpu_nodes_train(two_nodes, source, tmp_path):
-    # One worker per node at 0.5 CPU leaves half a CPU on each: enough for Ray Data's read tasks
-    # only if they ask for less than a whole CPU. With Ray's default of 1 this run waited forever.
-    result = submit(two_nodes["address"], two_nodes["env"], REPO,
-                    "python", "jobs/train.py", "--config", "configs/smoke.yaml",
-                    "--set", f"data.source={source}", "--set", f"data.output={tmp_path}/data",
-                    "--set", f"run.storage_path={tmp_path}/runs", "--set", f"run.shared_paths=[{tmp_path}]",
-                    "--set", "run.name=halves", "--set", "train.epochs=1", "--set", "train.precision=fp32",
-                    "--set", "train.max_failures=0", "--set", "scaling.num_workers=2",
-                    "--set", "scaling.cpus_per_worker=0.5", "--set", "scaling.custom_resources={slot: 1}",
-                    timeout=600)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-3000:]
-    assert "succeeded" in output
-    # A log, not a terminal: no progress-bar redraws (cursor-up sequences) from Ray Data's actors.
-    assert "\x1b[A" not in output
-    run_dir = tmp_path / "runs" / "halves"
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["epochs"] == 1 and summary["evaluation"]["rows"] == 32
-    assert len({worker["node_id"] for worker in summary["workers"]}) == 2  # one worker per node
-    assert (run_dir / "export" / "metadata.json").exists()
-    assert (tmp_path / "data" / "manifest.json").exists()  # the data stage ran first, inside the job
 
 
 def test_ray_job_stop_ends_a_training_job_saying_what_was_kept(two_nodes, source, tmp_path):

@@ -90,6 +90,20 @@ def test_concurrent_trials_count_in_the_cpu_check():
     check(settings, "tune", facts(nodes=2, cpus=5.0))
 
 
+def test_elastic_runs_start_with_their_minimum_and_take_the_cpus_that_fit():
+    shared = ("data.output=s3://b/d", "run.storage_path=s3://b/r", "train.global_batch_size=24")
+    # One GPU: a fixed 2-worker run would wait forever, an elastic [1, 2] one starts with one.
+    check(config("scaling.use_gpu=true", "scaling.num_workers=[1, 2]", *shared), "train", facts(gpus=1.0))
+    with pytest.raises(ConfigError, match=r"asks for 2 GPUs \(scaling.min_workers=2"):
+        check(config("scaling.use_gpu=true", "scaling.num_workers=[2, 4]", *shared), "train", facts(gpus=1.0))
+    # Three CPUs: an elastic run takes as many 1-CPU workers as fit (3 of up to 4), starving its input.
+    with pytest.raises(ConfigError, match=r"3 elastic workers \(scaling.min_workers=1 to num_workers=4, as many "
+                                          r"as fit\) x scaling.cpus_per_worker=1 reserve 3 of this cluster's 3 CPUs"):
+        check(config("scaling.num_workers=[1, 4]", *shared), "train", facts(nodes=3, cpus=3.0))
+    check(config("scaling.num_workers=[1, 4]", "scaling.cpus_per_worker=0.5", *shared), "train",
+          facts(nodes=3, cpus=3.0))
+
+
 def test_gpus_a_cluster_does_not_have_are_refused():
     settings = config("scaling.use_gpu=true", "scaling.num_workers=2")
     with pytest.raises(ConfigError, match="asks for 2 GPUs .* this cluster has 1 and no autoscaler"):

@@ -1,6 +1,7 @@
 """Training on a real local Ray: one worker in fp16 with loss scaling, checkpoints, a killed run resumed,
 export, and the CLI. Two workers (one per node, ring all-reduce across raylets): test_autoscaling."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -44,9 +45,11 @@ def checkpoints(run_dir):
 
 def test_one_worker_trains_checkpoints_and_exports(source, tmp_path, local_ray, monkeypatch, tracking_server):
     # fp16 (mixed_float16 with a loss-scale optimizer) is the GPU path; it runs, slowly, on a CPU
-    # too, and its checkpoint restore and float32 export are what this run checks. The upload of
-    # its second checkpoint fails once (storage unavailable): Ray Train restarts the worker from the
-    # first, and the run still ends with every epoch exactly once.
+    # too, and its checkpoint restore and float32 export are what this run checks. It checkpoints
+    # every 3 steps too (8 steps an epoch). The upload of its second checkpoint (epoch 1, step 6)
+    # fails once (storage unavailable): Ray Train restarts the worker from the first (step 3), which
+    # finishes epoch 1 with the 5 steps it had left; the run ends with every epoch exactly once and
+    # the optimizer's step counter (hence the schedule) where an uninterrupted run has it.
     real_filesystem = storage.filesystem
     markers = str(tmp_path / "upload-failures")
 
@@ -59,6 +62,7 @@ def test_one_worker_trains_checkpoints_and_exports(source, tmp_path, local_ray, 
     monkeypatch.setattr(storage, "filesystem", filesystem)
     cloudpickle.register_pickle_by_value(faulty_storage)  # the workers cannot import tests/
     config = smoke_config(source, tmp_path, "run.name=one", "train.precision=fp16", "train.max_failures=1",
+                          "train.checkpoint_every_steps=3",
                           "tracking.enabled=true", f"tracking.uri={tracking_server}", "tracking.experiment=smoke",
                           "tracking.registered_model=smoke-resnet")
     summary = run_training(config)
@@ -73,6 +77,14 @@ def test_one_worker_trains_checkpoints_and_exports(source, tmp_path, local_ray, 
 
     history = storage.read_json(os.path.join(run_dir, "history.json"))
     assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert [row.get("resumed_at_step") for row in history] == [3, None, None]
+    import tensorflow as tf
+
+    reader = tf.train.load_checkpoint(os.path.join(run_dir, checkpoints_by_epoch(run_dir)[-1], "tf_checkpoint", "ckpt"))
+    [iterations] = [reader.get_tensor(key) for key in reader.get_variable_to_shape_map()
+                    if key in ("optimizer/iter/.ATTRIBUTES/VARIABLE_VALUE",  # the step counter, with or
+                               "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE")]  # without loss scaling
+    assert iterations == 3 * 8  # the schedule is a function of this counter
     assert {row["precision"] for row in history} == {worker["precision"]} == {summary["precision"]} - {None}
     for key in ("loss", "accuracy", "top5_accuracy", "val_loss", "val_accuracy", "val_top5_accuracy", "lr",
                 "images_per_second"):
@@ -114,7 +126,7 @@ def test_one_worker_trains_checkpoints_and_exports(source, tmp_path, local_ray, 
     assert evaluation["accuracy"] == np.mean(probabilities.argmax(1) == labels)
     assert evaluation["loss"] == pytest.approx(-np.mean(np.log(probabilities[np.arange(32), labels])), rel=1e-4)
 
-    # Tracked in MLflow: every epoch once although epoch 2 was trained twice (the failed upload),
+    # Tracked in MLflow: every epoch once although part of epoch 1 was trained twice (the failed upload),
     # equal to history.json; the config as params; the test metrics, files and the export as a
     # model version that predicts as the export does.
     import mlflow
@@ -209,6 +221,31 @@ def test_stopped_run_resumes_at_the_right_epoch(source, tmp_path, local_ray):
     assert not_logged["store"].startswith("http://127.0.0.1:") and "Connection refused" in not_logged["reason"]
     assert "the training run" in not_logged["not_logged"] and "the model version" in not_logged["not_logged"]
     assert f"not logged to MLflow at {not_logged['store']}" in second.stdout
+
+
+def test_a_hung_worker_ends_its_attempt_and_the_run_goes_on(source, tmp_path, local_ray, monkeypatch):
+    """A worker that is alive but makes no progress (here its second checkpoint upload never
+    returns, as on a black-holed connection) would hold the run forever: nothing in Ray or
+    TensorFlow times out a call that hangs in a live process. Its watchdog ends it after
+    train.stall_timeout_seconds; Ray Train restarts from the first checkpoint and the run finishes.
+    (A worker stopped outright, SIGSTOP, is caught without the watchdog too: measured.)"""
+    real_filesystem = storage.filesystem
+    markers = str(tmp_path / "upload-hangs")
+
+    def filesystem(path):
+        fs, inner = real_filesystem(path)
+        if inner.startswith(str(tmp_path / "runs")):
+            return pafs.PyFileSystem(faulty_storage.FailSecondCheckpointUpload(markers, hang_seconds=3600)), inner
+        return fs, inner
+
+    monkeypatch.setattr(storage, "filesystem", filesystem)
+    cloudpickle.register_pickle_by_value(faulty_storage)  # the workers cannot import tests/
+    config = smoke_config(source, tmp_path, "run.name=hang", "train.epochs=3", "train.max_failures=1",
+                          "train.precision=fp32", "train.stall_timeout_seconds=8")
+    summary = run_training(config)
+    assert os.path.exists(os.path.join(markers, "failed"))  # the upload did hang
+    assert summary["epochs"] == 3
+    assert [attempt["from_epoch"] for attempt in summary["attempts"]] == [0, 1]  # restarted from epoch 1's
 
 
 def precision_probe(loop_config):

@@ -1,4 +1,4 @@
-"""Progress lines inside a long epoch: how often, and what they say."""
+"""Progress lines inside a long epoch (how often, and what they say), and the stall watchdog."""
 
 from pipeline.train.callbacks import ProgressLog
 
@@ -33,3 +33,25 @@ def test_quiet_when_steps_are_faster_than_the_interval(capsys):
         clock.now += 1.0
         progress.on_train_batch_end(batch, {})
     assert capsys.readouterr().out == ""
+
+
+def test_the_watchdog_ends_a_worker_whose_training_stalls(monkeypatch):
+    from pipeline.train.callbacks import StallWatchdog
+
+    monkeypatch.setattr(StallWatchdog, "on_train_begin", lambda self, logs=None: (self.beat(), setattr(self, "armed", True)))
+    now, ended = [0.0], []
+    dog = StallWatchdog(30.0, clock=lambda: now[0], end=lambda: ended.append(now[0]))
+    now[0] = 100.0
+    assert not dog.stalled()  # not armed before the first epoch starts (start-up takes as long as it takes)
+    dog.on_train_begin()
+    for _ in range(3):  # steps of 20 s each: slow, not stalled
+        now[0] += 20.0
+        dog.on_train_batch_end(0)
+    assert not dog.stalled()
+    now[0] += 31.0  # a peer stopped: no step ends
+    assert dog.stalled()
+    dog.watch(interval=0.001)
+    assert ended == [now[0]]
+    dog.disarm()  # after training: evaluation and export are not watched
+    now[0] += 1000.0
+    assert not dog.stalled()

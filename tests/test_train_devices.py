@@ -9,7 +9,7 @@ import tf_keras as keras
 
 from pipeline.config import ConfigError, batch_sizes, load_config, per_replica_batch_size, replicas_per_worker
 from pipeline.train import devices, inputs
-from pipeline.train.callbacks import ProgressLog, ReportToRayTrain, TensorBoardToStorage
+from pipeline.train.callbacks import CheckpointInsideEpochs, ProgressLog, ReportToRayTrain, TensorBoardToStorage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,9 +103,11 @@ def test_our_callbacks_keep_steps_asynchronous(tmp_path):
     # tf-keras converts every step's logs to numpy (a host sync) unless every callback with batch
     # hooks accepts tensors; fit adds History and the progress bar, which do.
     config = load_config(None, [])
+    reporter = ReportToRayTrain(config=config, metadata={}, history=[], run_dir=str(tmp_path), rank=0,
+                                images_per_epoch=100, steps_per_epoch=10, precision="fp32")
     callbacks = [
-        ReportToRayTrain(config=config, metadata={}, history=[], run_dir=str(tmp_path), rank=0,
-                         images_per_epoch=100, precision="fp32"),
+        reporter,
+        CheckpointInsideEpochs(reporter, steps_per_epoch=10, every_steps=5, check_steps=1, score_key="accuracy"),
         ProgressLog(epochs=1, steps=10, global_batch=10, interval=30),
         TensorBoardToStorage(str(tmp_path / "tensorboard")),
     ]

@@ -46,6 +46,9 @@ def asha_search(source, shards, tmp_path_factory, local_ray, tracking_server):
     root = tmp_path_factory.mktemp("asha")
     config = load_config(SMOKE_SEARCH, search_overrides(source, shards, root, "asha") + [
         "tune.num_samples=1", "train.epochs=5", "tune.space={train.learning_rate: {grid: [0.05, 0.03, 0.00001, 1.0e+30]}}",
+        # The diverging trial is not retried (Tune would start it again only to re-raise its kept
+        # error: test_a_search_whose_every_trial_fails_exits_with_the_reason checks that).
+        "tune.max_trial_failures=0",
         "tracking.enabled=true", f"tracking.uri={tracking_server}", "tracking.experiment=asha-search"])
     return config, run_search(config)
 
@@ -185,12 +188,49 @@ def test_a_search_whose_every_trial_fails_exits_with_the_reason(source, shards, 
     arguments = ["tune", "--config", SMOKE_SEARCH]
     for override in search_overrides(source, shards, tmp_path, "diverged") + [
             "tune.space={train.learning_rate: {grid: [1.0e+30]}}", "tune.num_samples=1", "train.epochs=1",
-            "tune.scheduler=fifo"]:
+            "tune.scheduler=fifo", "tune.max_trial_failures=1"]:
         arguments += ["--set", override]
     assert cli.main(arguments) == 1
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("error: search 'diverged': no trial reported a result (1 of 1 failed); the first "
                             "error: TrainingDiverged: run ") and "results.csv" in error
+    # Tune retried the trial (tune.max_trial_failures=1), but a diverged run is final: the retry
+    # raised the kept error at once instead of training again (its history is older than the error).
+    [kept] = (tmp_path / "searches" / "diverged" / "errors").glob("*.pkl")
+    history = tmp_path / "searches" / "diverged" / "trials" / kept.stem / "history.json"
+    assert history.stat().st_mtime < kept.stat().st_mtime
+
+
+def test_a_trial_whose_driver_is_lost_is_retried_from_its_checkpoint(source, shards, tmp_path, local_ray):
+    # As when the node hosting a trial's driver is reclaimed: the driver's process dies, and with it
+    # the Train controller and workers it owns. Tune starts the trial again; its run resumes from
+    # its own latest checkpoint and the search completes with the trial finished.
+    import threading
+
+    config = load_config(SMOKE_SEARCH, search_overrides(source, shards, tmp_path, "lost") + [
+        "tune.num_samples=1", "tune.scheduler=fifo", "train.epochs=2", "tune.max_concurrent_trials=1",
+        "tune.space={train.learning_rate: {grid: [0.03]}}"])
+    outcome = {}
+    search = threading.Thread(target=lambda: outcome.update(summary=run_search(config)), daemon=True)
+    search.start()
+    trials = tmp_path / "searches" / "lost" / "trials"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(trials.glob("*/checkpoint_manager_snapshot.json")):
+        time.sleep(0.5)
+    [run_dir] = [path.parent for path in trials.glob("*/checkpoint_manager_snapshot.json")]
+    done_before = storage.read_json(str(run_dir / "history.json"))
+    drivers = [process for process in psutil.process_iter(["cmdline"])
+               if any("ImplicitFunc" in part for part in process.info["cmdline"] or [])]
+    assert drivers
+    for process in drivers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    search.join(timeout=600)
+    summary = outcome["summary"]
+    assert summary["completed"] == 1, rows_of(summary)
+    history = storage.read_json(str(run_dir / "history.json"))
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert history[:len(done_before)] == done_before  # resumed, not trained again
 
 
 def test_killed_optuna_search_resumes_without_training_finished_trials_again(source, tmp_path, local_ray):

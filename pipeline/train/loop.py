@@ -31,7 +31,8 @@ from pipeline.config import batch_sizes, from_dict, per_replica_batch_size, repl
 from pipeline.models.registry import create_model
 from pipeline.models.saving import model_metadata, predict_function, restore_checkpoint, save_export
 from pipeline.train import devices, inputs
-from pipeline.train.callbacks import ProgressLog, ReportToRayTrain, TensorBoardToStorage
+from pipeline.train.callbacks import (CheckpointInsideEpochs, ProgressLog, ReportToRayTrain, StallWatchdog,
+                                      TensorBoardToStorage)
 from pipeline.train.history import write_history
 from pipeline.train.schedules import schedule_from_config
 
@@ -68,11 +69,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         context, gpus, strategy, precision=precision, collective=collective,
         steps_per_execution=steps_per_execution, jit_compile=jit_compile))
 
-    _, global_batch = batch_sizes(config)
-    replica_batch = per_replica_batch_size(config)
+    # The actual worker count: an elastic run (scaling.min_workers) may have fewer than configured;
+    # the global batch stays, each worker's share changes.
+    _, global_batch = batch_sizes(config, world_size)
+    replica_batch = per_replica_batch_size(config, world_size)
     num_classes, image_size = len(dataset_info["class_names"]), dataset_info["image_size"]
     # Each step takes one batch per local replica from this worker's dataset.
-    train_steps, train_batches = inputs.steps_and_batches(
+    train_steps, _ = inputs.steps_and_batches(
         dataset_info["rows"]["train"], world_size, replica_batch, local_replicas, drop_remainder=True)
     if train_steps == 0:
         raise ValueError(f"the train split ({dataset_info['rows']['train']} rows) is smaller than one global "
@@ -81,10 +84,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # images anyway); train.seed null: random.
     augmentation = inputs.Augmentation.from_config(config.train, dataset_info["mean"] or [0, 0, 0])
 
-    def train_dataset_fn(_, epoch):
+    def train_dataset_fn(_, epoch, steps):
         return inputs.prefetch(inputs.shard_to_dataset(
             ray.train.get_dataset_shard("train"), image_size=image_size, num_classes=num_classes,
-            batch_size=replica_batch, steps=train_batches,
+            batch_size=replica_batch, steps=steps * local_replicas,
             shuffle_buffer_size=inputs.shuffle_buffer_rows(config.train, image_size),
             shuffle_seed=inputs.worker_seed(config.train.seed, rank, epoch), augmentation=augmentation))
 
@@ -107,8 +110,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
                       metrics=metrics(num_classes), steps_per_execution=steps_per_execution,
                       jit_compile=jit_compile)
         optimizer.build(model.trainable_variables)  # slots exist before a restore fills them
+    # Per-step logs (progress lines) of the local replica: Keras' default sums them over replicas
+    # (top-5 accuracy 2.0 with two workers). Epoch logs are reduced across replicas either way.
+    model.distribute_reduction_method = "first"
 
-    initial_epoch, history = 0, []
+    initial_epoch, initial_step, history = 0, 0, []
     # The run's own latest checkpoint (a restart, or the same run name again) wins over the one a
     # new run was asked to start from (population-based training hands over another trial's).
     checkpoint = ray.train.get_checkpoint()
@@ -117,8 +123,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = restore_checkpoint(directory, model=model, optimizer=optimizer)
-        initial_epoch, history = state["epoch"], state["history"]
-        log.info(f"rank {rank} resumed from {checkpoint.path} at epoch {initial_epoch}/{config.train.epochs}")
+        # A checkpoint inside an epoch resumes at its step (the optimizer's step counter, restored
+        # with it, keeps the schedule exact); the epoch is finished with the steps it had left.
+        initial_epoch, initial_step, history = state["epoch"], state.get("step", 0), state["history"]
+        # Written with another worker count (elastic), an epoch may have a step fewer now.
+        initial_step = min(initial_step, train_steps - 1)
+        at = f" step {initial_step}/{train_steps}" if initial_step else ""
+        log.info(f"rank {rank} resumed from {checkpoint.path} at epoch {initial_epoch}/{config.train.epochs}{at}")
         if rank == 0:
             # A run started from another run's checkpoint has its history from the first moment,
             # even if no epoch is left to train.
@@ -127,28 +138,53 @@ def train_loop_per_worker(loop_config: dict) -> None:
     metadata = model_metadata(kind="checkpoint", class_names=dataset_info["class_names"], image_size=image_size,
                               config=loop_config["config"], mean=dataset_info["mean"], std=dataset_info["std"],
                               precision=precision, identity=dataset_info["identity"])
+    if rank == 0:
+        record_attempt(run_dir, world_size, initial_epoch, initial_step)
     reporter = ReportToRayTrain(config=config, metadata=metadata, history=history, run_dir=run_dir,
-                                rank=rank, images_per_epoch=train_steps * global_batch, precision=precision)
-    callbacks = [reporter]
+                                rank=rank, images_per_epoch=train_steps * global_batch, steps_per_epoch=train_steps,
+                                precision=precision, workers=world_size)
+    inside = CheckpointInsideEpochs(reporter, steps_per_epoch=train_steps, every_steps=config.train.checkpoint_every_steps,
+                                    check_steps=config.train.preemption_check_steps,
+                                    score_key="val_accuracy" if dataset_info["rows"].get("val") else "accuracy")
+    watchdog = StallWatchdog(config.train.stall_timeout_seconds)
+    callbacks = [reporter, inside, watchdog]
     if rank == 0:
         callbacks.append(TensorBoardToStorage(storage.join(run_dir, "tensorboard")))
         if config.run.progress_seconds:
             callbacks.append(ProgressLog(config.train.epochs, train_steps, global_batch, config.run.progress_seconds))
+    step_counters = [callback for callback in callbacks if hasattr(callback, "first_step")]
     for epoch in range(initial_epoch, config.train.epochs):
+        first_step = initial_step if epoch == initial_epoch else 0
+        steps = train_steps - first_step
+        for callback in step_counters:
+            callback.first_step = first_step
         # Fresh, finite datasets per epoch (see inputs.shard_to_dataset); Keras keeps its traced
         # train step across these calls, the optimizer keeps its step counter.
         validation = strategy.distribute_datasets_from_function(val_dataset_fn) if val_dataset_fn else None
-        train_data = strategy.distribute_datasets_from_function(lambda context: train_dataset_fn(context, epoch))
+        train_data = strategy.distribute_datasets_from_function(
+            lambda context: train_dataset_fn(context, epoch, steps))
         model.fit(train_data, initial_epoch=epoch,
-                  epochs=epoch + 1, steps_per_epoch=train_steps, validation_data=validation,
+                  epochs=epoch + 1, steps_per_epoch=steps, validation_data=validation,
                   validation_steps=validation_steps, callbacks=callbacks, verbose=2 if rank == 0 else 0)
         if reporter.diverged:
+            watchdog.disarm()
             return  # every worker stops here alike; the driver raises TrainingDiverged from the history
+    watchdog.disarm()
 
     # Every worker reads the weights: BatchNorm's moving statistics are on-read-synchronised
     # variables, so reading them is an all-reduce that a lone rank 0 would wait on forever.
     weights = model.get_weights()
     finish(weights, config, dataset_info, metadata, run_dir, strategy, rank, world_size)
+
+
+def record_attempt(run_dir: str, workers: int, epoch: int, step: int) -> None:
+    """One line per start of the worker group (``attempts.json``): with how many workers, and from
+    where; restarts after a failure or a preemption, and an elastic run's resizes, each add one."""
+    path = storage.join(run_dir, "attempts.json")
+    attempts = storage.read_json(path) if storage.exists(path) else []
+    attempts.append({"workers": workers, "from_epoch": epoch, "from_step": step,
+                     "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    storage.write_json(path, attempts)
 
 
 def make_optimizer(config, steps_per_epoch: int, precision: str):
@@ -185,7 +221,8 @@ def finish(weights, config, dataset_info, metadata, run_dir, strategy, rank: int
         started = time.perf_counter()
         evaluation.update(evaluate_split(serving_model, ray.train.get_dataset_shard(f"{split}_full"), strategy,
                                          rank, world_size, image_size=dataset_info["image_size"],
-                                         batch_size=batch_sizes(config)[0], flip=config.model.test_time_flip))
+                                         batch_size=batch_sizes(config, world_size)[0],
+                                         flip=config.model.test_time_flip))
         evaluation["seconds"] = round(time.perf_counter() - started, 3)
     if rank == 0:
         export_dir = save_export(serving_model, {**metadata, "evaluation": evaluation}, storage.join(run_dir, "export"))

@@ -72,7 +72,9 @@ def _train(config: Config, manifest, callbacks, start_from, tracking_parent, tra
     run_dir = storage.join(storage_path, name)
     storage.makedirs(run_dir)
     # Ray Train V2 resumes from the checkpoints listed in this snapshot (its commit point).
-    if storage.exists(storage.join(run_dir, "checkpoint_manager_snapshot.json")):
+    if not storage.exists(storage.join(run_dir, "checkpoint_manager_snapshot.json")):
+        storage.delete(storage.join(run_dir, "attempts.json"))  # of a run that never committed
+    else:
         history_path = storage.join(run_dir, "history.json")
         done = len(storage.read_json(history_path)) if storage.exists(history_path) else 0
         check_resumable(run_dir, name, training_identity(config, manifest))
@@ -84,8 +86,12 @@ def _train(config: Config, manifest, callbacks, start_from, tracking_parent, tra
     storage.delete(storage.join(run_dir, "workers"))  # rewritten by this attempt's workers
     storage.write_text(storage.join(run_dir, "config.yaml"), to_yaml(config))
     per_worker_batch, global_batch = batch_sizes(config)
+    workers = config.scaling.num_workers
+    elastic = config.scaling.min_workers is not None
     log.info(f"training run '{name}' in {run_dir}: {config.model.name}, {config.train.epochs} epochs, "
-             f"{config.scaling.num_workers} worker(s) x {per_worker_batch} = global batch {global_batch}, "
+             + (f"{config.scaling.min_workers}-{workers} workers (elastic; {per_worker_batch} each at {workers}) = "
+                if elastic else f"{workers} worker(s) x {per_worker_batch} = ")
+             + f"global batch {global_batch}, "
              f"lr {scaled_learning_rate(config):g} ({config.train.lr_schedule}), precision {config.train.precision}")
 
     # A new file order every epoch, streamed (see Manifest.read_split), plus each worker's buffer.
@@ -114,8 +120,10 @@ def _train(config: Config, manifest, callbacks, start_from, tracking_parent, tra
         train_loop_per_worker,
         train_loop_config={"config": to_dict(config), "dataset": dataset_info, "run_dir": run_dir,
                            "start_from": start_from},
-        scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                               resources_per_worker=resources),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=(scaling.min_workers, scaling.num_workers) if elastic else scaling.num_workers,
+            use_gpu=scaling.use_gpu, resources_per_worker=resources,
+            elastic_resize_monitor_interval_s=scaling.resize_check_seconds),
         datasets=datasets,
         # train and val are split across workers; "<split>_full" is read whole by every worker at the
         # end, each evaluating the rows that fall to it by id (loop.evaluate_split).
@@ -128,7 +136,10 @@ def _train(config: Config, manifest, callbacks, start_from, tracking_parent, tra
                 num_to_keep=config.train.checkpoints_to_keep,
                 checkpoint_score_attribute="val_accuracy" if has_val else "accuracy",
                 checkpoint_score_order="max"),
-            failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
+            # A node drained with reason preemption (pipeline.preemption on spot nodes) is retried
+            # without using up max_failures, which is for real failures.
+            failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures,
+                                                   max_preemption_failures=config.train.max_preemptions),
             callbacks=list(callbacks)),
     )
     started = time.perf_counter()
@@ -254,6 +265,7 @@ def summarise(config: Config, manifest, run_dir: str, result, wall_seconds: floa
         "train_images_per_second": round(sorted(speeds)[len(speeds) // 2], 1) if speeds else None,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "workers": _worker_records(run_dir),
+        "attempts": attempts(run_dir, history),
         "export": evaluation.get("export"),
         "plots": plots + [grid],
         "config": to_dict(config),
@@ -261,6 +273,19 @@ def summarise(config: Config, manifest, run_dir: str, result, wall_seconds: floa
     }
     storage.write_json(storage.join(run_dir, "summary.json"), summary)
     return summary
+
+
+def attempts(run_dir: str, history: list[dict]) -> list[dict]:
+    """Each start of the worker group (``loop.record_attempt``) with the epochs it finished: a
+    restart after a failure or a preemption, or an elastic resize, begins a new one."""
+    path = storage.join(run_dir, "attempts.json")
+    started = storage.read_json(path) if storage.exists(path) else []
+    finished = [row["epoch"] for row in history]
+    # An attempt's epochs end where the next one started from (epochs it trained past that point,
+    # before a failure, were trained again by the next).
+    return [{**attempt, "epochs": [epoch for epoch in finished if attempt["from_epoch"] < epoch and (
+                following is None or epoch <= following["from_epoch"])]}
+            for attempt, following in zip(started, [*started[1:], None])]
 
 
 def _worker_records(run_dir: str) -> list[dict]:

@@ -10,7 +10,7 @@ A search folder (``<tune.storage_path>/<tune.name>/``, local or s3:// / gs://) h
 ``search.yaml`` (the resolved config, written first), ``tune/`` (Ray Tune's experiment state:
 what lets the same command resume), ``trials/<trial id>/`` (each trial's training run) and
 ``trials/<trial id>.json`` (its sampled values and, under PBT, the checkpoints it continued from),
-then ``results.csv``/``results.json``, ``best.yaml``, ``plots/`` and ``summary.json``, written last.
+``errors/<trial id>.pkl`` (an error a retry would only repeat, see ``FINAL_ERRORS``), then ``results.csv``/``results.json``, ``best.yaml``, ``plots/`` and ``summary.json``, written last.
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ import threading
 import time
 
 import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before anything imports TensorFlow)
+import ray
 from pyarrow.fs import LocalFileSystem
 from ray import tune
 from ray.train import UserCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining, TrialScheduler
 
-from pipeline import PipelineError, runtime, storage, tracking
+from pipeline import InputError, PipelineError, runtime, storage, tracking
 from pipeline.config import (TUNE_METRICS, Config, ConfigError, from_dict, saved_dict, to_dict, to_yaml,
                              with_absolute_paths)
 from pipeline.models.saving import checkpoint_problem
@@ -38,9 +39,12 @@ from pipeline.tune.space import Dimension, param_space, parse_space, pbt_mutatio
 log = logging.getLogger(__name__)
 
 # A trial's own process only waits on its Ray Train run (whose workers hold the CPUs/GPUs), so
-# it asks for memory, not a CPU: trials then queue on their workers' resources, and a head node
-# with CPU: 0 (ray-cluster.yaml) can host the trial drivers, away from preemptible workers.
+# it asks for memory, not a CPU: trials then queue on their workers' resources.
 TRIAL_DRIVER_RESOURCES = {"memory": 512 * 1024**2}
+# Advertised by the head node of every cluster config (ray-cluster.yaml, cluster/gcp.yaml,
+# cluster/kuberay/): a trial's driver (and the Ray Train controller pinned beside it) then runs
+# there, never on a spot worker whose reclaim would take the trial with it.
+HEAD_RESOURCE = "trial_driver"
 # Settings that may change when a search is resumed; anything else must match search.yaml.
 RESUMABLE_CHANGES = ("tune.max_concurrent_trials", "run.progress_seconds")
 # PBT copies a trial's checkpoints into Tune (it clones them into weaker trials); it warns below 3.
@@ -120,12 +124,14 @@ def run_search(config: Config) -> dict:
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, base=to_dict(config), search_dir=search_dir, forward_checkpoints=pbt,
                              tracking_parent=parent_id),
-        TRIAL_DRIVER_RESOURCES)
+        trial_driver_resources(ray.cluster_resources()))
     started = time.perf_counter()
     if resuming:
         log.info(f"resuming search '{name}' from {tune_dir}: finished trials are kept, unfinished ones continue "
                  f"from their last checkpoint; use another tune.name to start afresh")
-        tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=False)
+        # Errored trials too: a trial lost with its node continues from its checkpoint; one whose
+        # error is final (diverged, bad values) fails again at once (see train_trial).
+        tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         concurrency = trial_concurrency(config)
         log.info(f"search '{name}' in {search_dir}: {config.tune.num_samples} sample(s) of "
@@ -141,9 +147,10 @@ def run_search(config: Config) -> dict:
                 trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(
                 name="tune", storage_path=search_dir,
-                # Worker failures are retried inside a trial by Ray Train (train.max_failures); a trial
-                # that still fails is reported with its error and the search goes on.
-                failure_config=tune.FailureConfig(max_failures=0),
+                # Worker failures are retried inside a trial by Ray Train (train.max_failures); a lost
+                # trial driver, or a run that failed past that, by Tune. A trial that still fails is
+                # reported with its error and the search goes on.
+                failure_config=tune.FailureConfig(max_failures=config.tune.max_trial_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=PBT_CHECKPOINTS_TO_KEEP) if pbt else None,
                 verbose=1))
     try:
@@ -164,6 +171,14 @@ def run_search(config: Config) -> dict:
                            f"Every trial's error is in {summary['results_csv']}")
     return summary
 
+
+
+def trial_driver_resources(cluster_resources: dict) -> dict:
+    """What each trial's driver asks of Ray: a little memory, and a share of the head's
+    ``HEAD_RESOURCE`` where the cluster has it (a local Ray does not)."""
+    if cluster_resources.get(HEAD_RESOURCE):
+        return {**TRIAL_DRIVER_RESOURCES, HEAD_RESOURCE: 1}
+    return dict(TRIAL_DRIVER_RESOURCES)
 
 
 def _trial_dirname(trial) -> str:
@@ -245,14 +260,36 @@ def _flat(values: dict) -> dict:
 
 # ---------------------------------------------------------------- one trial (runs in a Tune actor)
 
+# Errors a retry cannot fix: the same values diverge or are refused again. Kept per trial, so a
+# retried trial (tune.max_trial_failures, or the same command again) fails at once with the same
+# error instead of training again.
+FINAL_ERRORS = (PipelineError, InputError)
+
+
 def train_trial(params: dict, *, base: dict, search_dir: str, forward_checkpoints: bool,
                 tracking_parent: str | None = None) -> None:
     """One trial: the search's config with ``params`` set, trained as an ordinary run.
 
-    The Ray Train run is named after the trial, so a resumed search continues it from its own
-    latest checkpoint. Under PBT a trial may restart from another trial's checkpoint (Tune hands
-    it over through ``tune.get_checkpoint``): that becomes a new run, named after the checkpoint.
+    The Ray Train run is named after the trial, so a retried trial or a resumed search continues
+    it from its own latest checkpoint. Under PBT a trial may restart from another trial's
+    checkpoint (Tune hands it over through ``tune.get_checkpoint``): that becomes a new run, named
+    after the checkpoint.
     """
+    from ray import cloudpickle
+
+    trial_id = tune.get_context().get_trial_id()
+    final = storage.join(search_dir, "errors", f"{trial_id}.pkl")
+    if storage.exists(final):
+        raise cloudpickle.loads(storage.read_bytes(final))
+    try:
+        _train_trial(trial_id, params, base, search_dir, forward_checkpoints, tracking_parent)
+    except FINAL_ERRORS as error:
+        storage.write_bytes(final, cloudpickle.dumps(error))
+        raise
+
+
+def _train_trial(trial_id: str, params: dict, base: dict, search_dir: str, forward_checkpoints: bool,
+                 tracking_parent: str | None) -> None:
     from pipeline.train.run import run_training
 
     import ray.data
@@ -260,7 +297,6 @@ def train_trial(params: dict, *, base: dict, search_dir: str, forward_checkpoint
     # Several runs at once under one driver: Ray Data's progress bars (redrawn many times a
     # second per run) would bury Tune's status table. Each epoch's line still shows progress.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    trial_id = tune.get_context().get_trial_id()
     start_from = tune.get_checkpoint()
     name, origin = trial_id, None
     if start_from is not None:
@@ -277,9 +313,7 @@ def train_trial(params: dict, *, base: dict, search_dir: str, forward_checkpoint
                                        if origin else {})}}
 
     if not forward_checkpoints:
-        from ray.tune.integration.ray_train import TuneReportCallback
-
-        run_training(config, callbacks=[TuneReportCallback()], start_from=start_from, **tracked)
+        run_training(config, callbacks=[epoch_reports_to_tune()], start_from=start_from, **tracked)
         return
     # PBT clones trials through Tune checkpoints, but TuneReportCallback forwards metrics only. So
     # the run goes to a thread, and this (Tune's) thread reports each epoch with its checkpoint,
@@ -308,15 +342,35 @@ def train_trial(params: dict, *, base: dict, search_dir: str, forward_checkpoint
         raise outcome["error"]
 
 
+def ends_an_epoch(metrics: list) -> bool:
+    """A Ray Train report at an epoch's end. Checkpoints inside an epoch (a preemption notice,
+    train.checkpoint_every_steps) are the run's own business: to Tune's schedulers one result is
+    one epoch."""
+    return bool(metrics) and "epoch" in metrics[0]
+
+
+def epoch_reports_to_tune():
+    """Ray's ``TuneReportCallback``, given epoch-end reports only (see ``ends_an_epoch``)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class EpochReportsToTune(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if ends_an_epoch(metrics):
+                super().after_report(run_context, metrics, checkpoint)
+
+    return EpochReportsToTune()
+
+
 class ReportCheckpointsToTune(UserCallback):
-    """Ray Train callback (runs in the Train controller): each report's rank-0 metrics and its
+    """Ray Train callback (runs in the Train controller): each epoch's rank-0 metrics and its
     persisted checkpoint, handed to the trial's thread that reports them to Tune."""
 
     def __init__(self, queue):
         self.queue = queue
 
     def after_report(self, run_context, metrics, checkpoint):
-        self.queue.put((metrics[0], checkpoint))
+        if ends_an_epoch(metrics):
+            self.queue.put((metrics[0], checkpoint))
 
 
 def _settled_copy(checkpoint, target: str, attempts: int = 10, wait_seconds: float = 3.0):
