@@ -5,6 +5,7 @@
     pipeline tune       --config configs/search.yaml --set tune.num_samples=8
     pipeline predict    --model artifacts/runs/fast --input photos/ --output predictions.csv
     pipeline config     --config configs/fast.yaml      (print the resolved config)
+    pipeline drain-on-preemption --address $RAY_HEAD_IP:6379 --cloud aws   (on spot nodes)
 
 ``jobs/*.py`` call the same functions for ``ray job submit``. Bad configuration or input prints
 ``error: ...`` and exits with status 2 before any work starts. Ctrl-C (SIGINT) or SIGTERM (``ray
