@@ -22,7 +22,7 @@ from synthetic_data import make_image_folder
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.cluster
 SLOT = '--resources={"slot": 1}'
-DEADLINE_SECONDS = 30
+DEADLINE_SECONDS = 20
 
 
 def ask_cluster(gcs: str, env: dict, expression: str):
@@ -67,9 +67,11 @@ def test_a_reclaimed_spot_node_costs_seconds_and_an_elastic_run_goes_on(grows_ba
     # Ray Train first tries to restart at the old size after a node is lost (its view of the
     # cluster lags the kill) and gives up after this start timeout (60 s by default): shorter here.
     env = {**cluster_env(), "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}
-    # 1,600 training images at batch 2: 800 steps an epoch (~65 s on two vCPUs), so that the notice
-    # and the deadline 30 s later fall inside the first epoch (and the regrowth inside the second).
-    source = make_image_folder(str(tmp_path / "images"), classes=4, per_class=500, test_per_class=2)
+    # 1,120 training images at batch 2: 560 steps an epoch (~45 s on two vCPUs), so that the notice
+    # and the deadline 20 s later fall inside the first epoch; 1,600 (800 steps) with a second epoch
+    # for the regrowth to fall inside.
+    per_class = 500 if grows_back else 350
+    source = make_image_folder(str(tmp_path / "images"), classes=4, per_class=per_class, test_per_class=2)
     job_id = f"spot-{os.getpid()}"
     run_dir = tmp_path / "runs" / "spot"
     with metadata_server() as (metadata_url, metadata), \

@@ -1,6 +1,6 @@
 """Ray Tune over real distributed training trials on a local Ray: ASHA, a diverging trial, the
-results a search leaves, best.yaml trained again, PBT exploiting a checkpoint, and a killed Optuna
-search resumed by the same command."""
+results a search leaves, best.yaml trained again, PBT exploiting a checkpoint, a trial whose driver
+is lost retried from its checkpoint, and a killed Optuna search resumed by the same command."""
 
 import contextlib
 import csv
@@ -201,58 +201,52 @@ def test_a_search_whose_every_trial_fails_exits_with_the_reason(source, shards, 
     assert history.stat().st_mtime < kept.stat().st_mtime
 
 
-def test_a_trial_whose_driver_is_lost_is_retried_from_its_checkpoint(source, shards, tmp_path, local_ray):
-    # As when the node hosting a trial's driver is reclaimed: the driver's process dies, and with it
-    # the Train controller and workers it owns. Tune starts the trial again; its run resumes from
-    # its own latest checkpoint and the search completes with the trial finished.
-    import threading
-
-    config = load_config(SMOKE_SEARCH, search_overrides(source, shards, tmp_path, "lost") + [
-        "tune.num_samples=1", "tune.scheduler=fifo", "train.epochs=2", "tune.max_concurrent_trials=1",
-        "tune.space={train.learning_rate: {grid: [0.03]}}"])
-    outcome = {}
-    search = threading.Thread(target=lambda: outcome.update(summary=run_search(config)), daemon=True)
-    search.start()
-    trials = tmp_path / "searches" / "lost" / "trials"
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(trials.glob("*/checkpoint_manager_snapshot.json")):
-        time.sleep(0.5)
-    [run_dir] = [path.parent for path in trials.glob("*/checkpoint_manager_snapshot.json")]
-    # Epoch 1 is committed (the snapshot lists its checkpoint); a later row may not be yet.
-    committed = storage.read_json(str(run_dir / "history.json"))[0]
+def kill_trial_drivers() -> None:
+    """As when the node hosting a trial's driver is reclaimed: the driver's process dies, and with it
+    the Train controller and workers it owns."""
     drivers = [process for process in psutil.process_iter(["cmdline"])
                if any("ImplicitFunc" in part for part in process.info["cmdline"] or [])]
     assert drivers
     for process in drivers:
         with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
-    search.join(timeout=600)
-    summary = outcome["summary"]
-    assert summary["completed"] == 1, rows_of(summary)
-    history = storage.read_json(str(run_dir / "history.json"))
-    assert [row["epoch"] for row in history] == [1, 2]
-    assert history[0] == committed  # resumed from its checkpoint: epoch 1 not trained again
 
 
 def test_killed_optuna_search_resumes_without_training_finished_trials_again(source, tmp_path, local_ray):
     # The job joins this module's Ray, as a job joins its cluster (see test_train's resume test).
     # Optuna samples the smoke search's space; relative paths mean the job's working directory,
-    # although Tune runs each trial elsewhere.
+    # although Tune runs each trial elsewhere. First the driver of the first trial is lost after its
+    # first epoch: Tune starts the trial again and its run resumes from its own checkpoint. Then,
+    # once that trial has finished, the whole job is killed and the same command run again.
     arguments = [sys.executable, os.path.join(REPO, "jobs/tune.py"), "--address", ray.get_runtime_context().gcs_address,
                  "--config", SMOKE_SEARCH]
     for override in [f"data.source={os.path.relpath(source, tmp_path)}", "data.output=data", "run.storage_path=runs",
                      "tune.storage_path=searches", "tune.name=resume", "tune.search_alg=optuna",
-                     "tune.scheduler=fifo", "tune.max_concurrent_trials=1", "train.epochs=1", "tune.num_samples=2"]:
+                     "tune.scheduler=fifo", "tune.max_concurrent_trials=1", "train.epochs=2", "tune.num_samples=2"]:
         arguments += ["--set", override]
     search_dir = tmp_path / "searches" / "resume"
-    first = subprocess.Popen(arguments, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    log = tmp_path / "first.log"  # a file, not a pipe nobody reads until the end: that could fill and block
+    first = subprocess.Popen(arguments, cwd=tmp_path, stdout=log.open("w"), stderr=subprocess.STDOUT,
                              start_new_session=True)
-    deadline = time.time() + 400
-    finished = []
-    while time.time() < deadline and first.poll() is None and not finished:
-        finished = [path for path in (search_dir / "trials").glob("*/summary.json")] if search_dir.exists() else []
-        time.sleep(0.5)
-    assert first.poll() is None, first.stdout.read().decode()[-3000:]
+
+    def first_trials(pattern: str) -> list:
+        deadline = time.time() + 400
+        while time.time() < deadline and first.poll() is None:
+            found = list((search_dir / "trials").glob(pattern)) if search_dir.exists() else []
+            if found:
+                return found
+            time.sleep(0.5)
+        raise AssertionError(log.read_text()[-3000:])
+
+    [snapshot] = first_trials("*/checkpoint_manager_snapshot.json")
+    lost = snapshot.parent
+    # Epoch 1 is committed (the snapshot lists its checkpoint); a later row may not be yet.
+    committed = storage.read_json(str(lost / "history.json"))[0]
+    kill_trial_drivers()
+    finished = first_trials("*/summary.json")
+    history = storage.read_json(str(lost / "history.json"))
+    assert [path.parent for path in finished] == [lost] and [row["epoch"] for row in history] == [1, 2]
+    assert history[0] == committed  # resumed from its checkpoint: epoch 1 not trained again
     time.sleep(5)  # Tune records the finished trial in its experiment state
     job = psutil.Process(first.pid)
     for process in [job, *job.children(recursive=True)]:

@@ -62,7 +62,8 @@ def save_export(model, metadata: dict, target: str) -> str:
     with tempfile.TemporaryDirectory(prefix="export-") as local:
         model.save(os.path.join(local, "model.keras"))
         flip = bool((metadata.get("model") or {}).get("test_time_flip"))
-        tf.saved_model.save(model, os.path.join(local, "saved_model"), signatures=_serving_function(model, flip))
+        serving = _serving_module(model, flip)
+        tf.saved_model.save(serving, os.path.join(local, "saved_model"), signatures=serving.serve)
         storage.upload_dir(local, target)
     storage.write_json(storage.join(target, "metadata.json"), {**metadata, "kind": "export"})
     return target
@@ -97,7 +98,10 @@ def predict_function(model, flip: bool = False):
     return predict
 
 
-def _serving_function(model, flip: bool = False):
+def _serving_module(model, flip: bool = False):
+    """What the SavedModel holds: the serving signature and the variables it reads. Not the Keras
+    model itself: for that, tf-keras traces every layer's call functions too (5.4 s against 0.9 s
+    for the smoke model, once per training run); ``model.keras`` is the Keras file."""
     import tensorflow as tf
 
     predict = predict_function(model, flip)
@@ -106,7 +110,10 @@ def _serving_function(model, flip: bool = False):
     def serve(images):
         return {"probabilities": predict(images)}
 
-    return serve
+    module = tf.Module()
+    module.variables_read = list(model.variables)
+    module.serve = serve
+    return module
 
 
 def write_checkpoint(directory: str, *, model, optimizer, state: dict, metadata: dict) -> None:
