@@ -1,6 +1,8 @@
-"""Fixtures shared by the test modules that train on a real local Ray."""
+"""Fixtures shared by the test modules: a real local Ray, the data they train on, the model and
+images the inference tests classify, and the repository's root (``REPO``)."""
 
 import contextlib
+import os
 
 import pytest
 import ray
@@ -8,6 +10,11 @@ import ray
 import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before anything imports TensorFlow)
 from pipeline import runtime
 from synthetic_data import make_image_folder
+
+pytest.register_assert_rewrite("infer_files")  # its checks are the inference tests' assertions
+from infer_files import export_small_model, write_labelled_folder, write_mixed_folder  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout: configs/, jobs/, benchmarks/
 
 
 # Fixtures that start Ray (or a cluster of it): tests that use them are `slow`, and
@@ -72,6 +79,29 @@ def tracking_server(tmp_path_factory):
 def source(tmp_path_factory):
     """A learnable 4-class image folder with a test split: 160 training and 32 test images."""
     return make_image_folder(str(tmp_path_factory.mktemp("images")), classes=4, per_class=40, test_per_class=8)
+
+
+@pytest.fixture(scope="session")
+def exported_model(tmp_path_factory):
+    """(export folder, in-memory model) of a small tf-keras model with the export contract:
+    float32 (N, 8, 8, 3) pixels in [0, 255] -> float32 probabilities over infer_files.CLASS_NAMES.
+    One for the session, as the folders below: the test_infer_* modules share them."""
+    return export_small_model(str(tmp_path_factory.mktemp("model") / "export"))
+
+
+@pytest.fixture(scope="session")
+def mixed_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixed")
+    write_mixed_folder(root)
+    return root.resolve()
+
+
+@pytest.fixture(scope="session")
+def labelled_folder(tmp_path_factory):
+    """root/<class>/*.png, 7 images per class, plus one broken file in a class folder."""
+    root = tmp_path_factory.mktemp("labelled")
+    write_labelled_folder(root)
+    return root.resolve()
 
 
 @contextlib.contextmanager

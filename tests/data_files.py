@@ -18,7 +18,6 @@ from PIL import Image
 from pipeline.config import load_config
 from pipeline.data.manifest import images_from_column
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 ROWS_PER_BATCH = 20
 

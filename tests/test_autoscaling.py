@@ -14,12 +14,11 @@ import time
 import pytest
 import yaml
 
-from conftest import stop_local_ray
+from conftest import REPO, stop_local_ray
 from ray_nodes import alive_nodes, cluster_env, free_port, stop_node, submit
 from s3_server import s3_server
 from synthetic_data import make_image_folder
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.cluster
 # Long enough that the nodes one test scaled up are still there for the next (a job's start-up
 # takes seconds), short enough for the last test to watch them go.

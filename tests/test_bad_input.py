@@ -17,7 +17,7 @@ from pipeline import cli, runtime
 from pipeline.config import load_config
 from pipeline.data.sources import resolve_source
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO
 FAST = os.path.join(REPO, "configs/fast.yaml")
 PREVIOUS = "path,predicted_class\n/old/a.png,cat\n"
 

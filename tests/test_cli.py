@@ -1,7 +1,9 @@
-"""pipeline.cli without Ray: how an interrupted stage ends."""
+"""pipeline.cli without Ray: how an interrupted stage ends, and which errors are the user's."""
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -9,7 +11,7 @@ import pytest
 from pipeline import NotFound, cli, runtime
 from pipeline.config import load_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO
 
 
 @pytest.mark.parametrize("command, kept", [
@@ -65,3 +67,11 @@ def test_only_the_projects_input_errors_are_usage_errors(monkeypatch, capsys):
     monkeypatch.setattr(cli, "run", bad_input)
     assert cli.main(["predict"]) == 2
     assert capsys.readouterr().err.strip() == "error: model path does not exist: /nowhere"
+
+
+def test_cli_rejects_bad_config_before_work(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "jobs/train.py"), "--config",
+                             os.path.join(REPO, "configs/smoke.yaml"), "--set", "train.epoch=3"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "did you mean 'train.epochs'" in result.stderr and "Traceback" not in result.stderr

@@ -38,7 +38,10 @@ from pipeline.cli import build_parser
 from pipeline.runtime import WORKER_ENV_VARS
 from pipeline.tune.search import HEAD_RESOURCE
 
-REPO = Path(__file__).resolve().parents[1]
+import conftest
+from infer_files import export_served_model
+
+REPO = Path(conftest.REPO)
 LAUNCHER_CONFIGS = {"aws": REPO / "ray-cluster.yaml", "gcp": REPO / "cluster" / "gcp.yaml"}
 KUBERAY_MANIFESTS = {"raycluster": REPO / "cluster" / "kuberay" / "raycluster.yaml",
                      "rayjob": REPO / "cluster" / "kuberay" / "rayjob.yaml",
@@ -536,11 +539,9 @@ def test_serve_config_file_is_valid_and_builds_our_application(tmp_path):
     (application,) = config["applications"]
     assert application["runtime_env"]["env_vars"] == WORKER_ENV_VARS
     # The same args with a real model build the application `serve deploy` would run.
-    from test_serve import export_model
-
     from pipeline.serve import app_from_args
 
-    built = app_from_args({**application["args"], "model": export_model(str(tmp_path / "export"))})
+    built = app_from_args({**application["args"], "model": export_served_model(str(tmp_path / "export"))})
     assert built._bound_deployment.ray_actor_options["num_gpus"] == 1
     broken = copy.deepcopy(config)
     broken["applications"][0]["args"]["max_batch_size"] = 0

@@ -20,10 +20,8 @@ from pipeline.data.preprocess import (PreprocessError, ensure_preprocessed, run_
 from pipeline.data.sources import SourceError
 from pipeline.data.sources import Item
 
+from conftest import REPO
 from data_files import make_config, make_noise_folder, make_mixed_folder, read_all_shards, shard_folders
-
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_too_many_bad_files_fail_without_manifest(tmp_path, local_ray):
@@ -194,10 +192,11 @@ def test_job_exits_2_with_a_message_on_bad_input(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_a_writer_task_needs_about_one_shard_of_memory_whatever_the_image_size():
     # 224-pixel images: 10,000 rows would be a 1.5 GB shard, and the writer held several copies.
     # A fresh process, so that its peak RSS is the writer's own (benchmarks/writer_memory.py).
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "writer_memory.py")
+    script = os.path.join(REPO, "benchmarks", "writer_memory.py")
     for image_size in (32, 224):
         result = subprocess.run([sys.executable, script, "--measure", str(image_size)], capture_output=True, text=True,
                                 timeout=300)

@@ -9,10 +9,9 @@ import time
 
 import pytest
 
-from conftest import stop_local_ray
+from conftest import REPO, stop_local_ray
 from ray_nodes import cluster_env, head_node, submit, worker_node
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.cluster
 
 

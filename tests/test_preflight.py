@@ -8,7 +8,7 @@ import pytest
 from pipeline.config import ConfigError, load_config
 from pipeline.preflight import ClusterFacts, autoscaler_in_status, check
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO
 
 
 def facts(**changes):

@@ -17,10 +17,9 @@ from pipeline.data.preprocess import run_preprocess
 from pipeline.infer import run_inference
 from pipeline.train.run import run_training
 from pipeline.tune.search import run_search
-from conftest import stop_local_ray
+from conftest import REPO, stop_local_ray
 from s3_server import s3_server
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.cluster
 BUCKET = "s3://pipeline-test"
 

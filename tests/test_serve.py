@@ -3,7 +3,6 @@ exactly as ``pipeline predict`` does, refuses what is not an image without losin
 batches concurrent requests, and is gone, proxies and controller included, after SIGTERM."""
 
 import io
-import json
 import os
 import signal
 import socket
@@ -19,26 +18,12 @@ import requests
 from PIL import Image
 
 import pipeline  # noqa: F401
-from pipeline.config import Config, ModelConfig, load_config, to_dict
 from pipeline.infer import predict_image
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO
+from infer_files import SERVED_CLASSES, export_served_model
+
 pytestmark = pytest.mark.cluster
-CLASSES = ["cat", "dog", "fox"]
-
-
-def export_model(folder: str) -> str:
-    import tf_keras as keras
-
-    from pipeline.models import build_model
-    from pipeline.models.saving import model_metadata, save_export
-
-    keras.utils.set_random_seed(0)
-    model_config = ModelConfig(width=8, use_bias=False)
-    config = to_dict(Config(model=model_config))
-    model = build_model(model_config, num_classes=3, image_size=16, mean=[120.0] * 3, std=[60.0] * 3)
-    return save_export(model, model_metadata(kind="export", class_names=CLASSES, image_size=16, config=config,
-                                             mean=[120.0] * 3, std=[60.0] * 3), folder)
 
 
 def free_port() -> int:
@@ -56,7 +41,7 @@ def serve_actors() -> list[str]:
 
 
 def test_the_served_model_answers_as_pipeline_predict_and_stops_cleanly(local_ray, tmp_path):
-    export = export_model(str(tmp_path / "export"))
+    export = export_served_model(str(tmp_path / "export"))
     rng = np.random.default_rng(0)
     images = {}
     for index in range(6):
@@ -84,7 +69,7 @@ def test_the_served_model_answers_as_pipeline_predict_and_stops_cleanly(local_ra
         assert server.poll() is None and requests.get(f"{url}/healthz", timeout=5).json() == {"status": "ok"}
 
         description = requests.get(f"{url}/", timeout=5).json()
-        assert (description["classes"], description["image_size"], description["top_k"]) == (CLASSES, 16, 3)
+        assert (description["classes"], description["image_size"], description["top_k"]) == (SERVED_CLASSES, 16, 3)
         # On a (declared) two-GPU node, a replica that asked for no GPU sees none.
         assert description["replica"]["cuda_visible_devices"] == "" and description["replica"]["gpus"] == []
 
@@ -132,18 +117,3 @@ def test_the_served_model_answers_as_pipeline_predict_and_stops_cleanly(local_ra
     assert serve_actors() == []
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{url}/healthz", timeout=5)
-
-
-def test_serve_settings_are_checked_like_any_other(tmp_path):
-    from pipeline.config import ConfigError
-    from pipeline.serve import app_from_args
-
-    with pytest.raises(ConfigError, match="serve.min_replicas=3 is above serve.max_replicas=2"):
-        load_config(None, ["serve.min_replicas=3", "serve.max_replicas=2"])
-    with pytest.raises(ConfigError, match="'serve.max_batch_size' must be >= 1"):
-        app_from_args({"model": str(tmp_path), "max_batch_size": 0})
-    export = export_model(str(tmp_path / "export"))
-    application = app_from_args({"model": export, "max_replicas": "3", "min_replicas": 1})
-    deployment = application._bound_deployment
-    assert deployment._deployment_config.autoscaling_config.max_replicas == 3
-    assert json.loads(json.dumps(deployment.ray_actor_options)) == {"num_cpus": 1.0, "num_gpus": 0.0}

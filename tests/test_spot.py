@@ -14,12 +14,11 @@ import time
 
 import pytest
 
-from conftest import stop_local_ray
+from conftest import REPO, stop_local_ray
 from metadata_server import metadata_server
 from ray_nodes import cluster_env, head_node, submit, worker_node
 from synthetic_data import make_image_folder
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.cluster
 SLOT = '--resources={"slot": 1}'
 DEADLINE_SECONDS = 20

@@ -11,7 +11,7 @@ from pipeline.config import ConfigError, batch_sizes, load_config, per_replica_b
 from pipeline.train import devices, inputs
 from pipeline.train.callbacks import CheckpointInsideEpochs, ProgressLog, ReportToRayTrain, TensorBoardToStorage
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO
 
 
 class FakeGpu:

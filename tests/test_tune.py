@@ -20,7 +20,7 @@ from pipeline import cli, storage
 from pipeline.config import load_config, to_dict
 from pipeline.tune.search import run_search
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO
 SMOKE_SEARCH = os.path.join(REPO, "configs/search-smoke.yaml")
 pytestmark = pytest.mark.cluster
 

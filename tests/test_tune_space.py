@@ -11,7 +11,7 @@ from pipeline.config import ConfigError, load_config, to_dict
 from pipeline.tune.search import check_search, concurrent_trials_that_fit, make_scheduler
 from pipeline.tune.space import Dimension, parse_space, pbt_mutations, trial_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO
 
 
 def search_config(*overrides, space=None):
