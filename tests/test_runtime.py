@@ -27,6 +27,7 @@ def test_submitted_job_keeps_its_own_values(monkeypatch):
     assert "PYTHONPATH" not in env_vars  # the job's working dir is already on the workers' path
 
 
+@pytest.mark.cluster  # starts a Ray of its own: not in the quick loop
 def test_ray_workers_import_tensorflow_with_the_settings():
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=1, include_dashboard=False, runtime_env=runtime.runtime_env())

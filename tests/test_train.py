@@ -1,7 +1,6 @@
 """Training on a real local Ray: one worker in fp16 with loss scaling, checkpoints, a killed run resumed,
 export, and the CLI. Two workers (one per node, ring all-reduce across raylets): test_autoscaling."""
 
-import contextlib
 import os
 import shutil
 import signal
