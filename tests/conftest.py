@@ -26,6 +26,9 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if RAY_FIXTURES & set(item.fixturenames) or item.get_closest_marker("cluster"):
             item.add_marker(pytest.mark.slow)
+    # The shared local Ray starts once: the tests that stop it for a Ray of their own come last
+    # (a stable sort: each module keeps its order).
+    items.sort(key=lambda item: item.get_closest_marker("own_ray") is not None)
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,7 @@ from ray_nodes import alive_nodes, cluster_env, free_port, stop_node, submit
 from s3_server import s3_server
 from synthetic_data import make_image_folder
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.own_ray]
 # Long enough that the nodes one test scaled up are still there for the next (a job's start-up
 # takes seconds), short enough for the last test to watch them go.
 IDLE_SECONDS = 30

@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO, stop_local_ray
 from ray_nodes import cluster_env, head_node, submit, worker_node
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.own_ray]
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from pipeline import TENSORFLOW_ENV, runtime
+from conftest import stop_local_ray
 
 
 def test_local_runtime_env_carries_tensorflow_settings_and_checkout(monkeypatch):
@@ -27,9 +28,11 @@ def test_submitted_job_keeps_its_own_values(monkeypatch):
     assert "PYTHONPATH" not in env_vars  # the job's working dir is already on the workers' path
 
 
-@pytest.mark.cluster  # starts a Ray of its own: not in the quick loop
+@pytest.mark.cluster
+@pytest.mark.own_ray
 def test_ray_workers_import_tensorflow_with_the_settings():
     ray = pytest.importorskip("ray")
+    stop_local_ray()  # a Ray of its own, with the runtime environment under test
     ray.init(num_cpus=1, include_dashboard=False, runtime_env=runtime.runtime_env())
     try:
         @ray.remote

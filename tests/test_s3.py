@@ -20,7 +20,7 @@ from pipeline.tune.search import run_search
 from conftest import REPO, stop_local_ray
 from s3_server import s3_server
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.own_ray]
 BUCKET = "s3://pipeline-test"
 
 

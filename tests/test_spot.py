@@ -19,7 +19,7 @@ from metadata_server import metadata_server
 from ray_nodes import cluster_env, head_node, submit, worker_node
 from synthetic_data import make_image_folder
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.own_ray]
 SLOT = '--resources={"slot": 1}'
 DEADLINE_SECONDS = 20
 
