@@ -56,7 +56,7 @@ def measure(args) -> dict:
 
     import pipeline  # noqa: F401
     import tensorflow as tf
-    from pipeline import runtime
+    from pipeline import capacity, runtime
     from pipeline.config import load_config
     from pipeline.data.manifest import open_manifest
     from pipeline.train import inputs
@@ -89,7 +89,7 @@ def measure(args) -> dict:
             data = data.map(lambda x, y: (x, tf.one_hot(y, manifest.num_classes)))
             return inputs.prefetch(data if in_numpy else tf_augment(data, train, manifest.mean))
     else:
-        runtime.connect(num_cpus=args.cpus + runtime.INGEST_CPUS)
+        runtime.connect(num_cpus=args.cpus + capacity.INGEST_CPUS)
         dataset = manifest.read_split("train", shuffle_files=True, seed=train.seed)
         shard = dataset.streaming_split(1, equal=True)[0]
 
@@ -166,11 +166,11 @@ def measure_scale(args) -> dict:
     import ray
     from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
-    from pipeline import runtime
+    from pipeline import capacity, runtime
     from pipeline.data.manifest import open_manifest
 
     manifest = open_manifest(args.data)
-    runtime.connect(num_cpus=1 + runtime.INGEST_CPUS)
+    runtime.connect(num_cpus=1 + capacity.INGEST_CPUS)
     state = get_state_from_address(ray.get_runtime_context().gcs_address)
     if args.pipeline == "pipeline":
         dataset = manifest.read_split("train", shuffle_files=True, seed=0)

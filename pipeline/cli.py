@@ -118,7 +118,7 @@ def what_was_kept(args) -> str:
 
 
 def run(args) -> int:
-    from pipeline import runtime
+    from pipeline import capacity, runtime
 
     if args.command == "drain-on-preemption":
         from pipeline.preemption import watch
@@ -161,9 +161,9 @@ def run(args) -> int:
         force = getattr(args, "force", False)
         joining = bool(args.address or os.environ.get("RAY_ADDRESS"))
         source = None if joining else source_to_build(config, args.command, force)
-        trials = runtime.local_trials(config) if args.command == "tune" else 1
+        trials = capacity.local_trials(config) if args.command == "tune" else 1
         connect_and_check(config, args, num_cpus=None if args.command == "preprocess"
-                          else runtime.local_cpus_for_training(config, trials))
+                          else capacity.local_cpus_for_training(config, trials))
         if joining:
             source = source_to_build(config, args.command, force)
         if args.command == "preprocess":

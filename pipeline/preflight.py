@@ -13,7 +13,7 @@ written (not a file, not below one, not a read-only place). ``check`` runs once 
 * Training workers that reserve every CPU of a fixed-size cluster leave none for the Ray Data
   tasks that feed them, and the run waits for input forever; GPUs asked of a cluster without any
   would wait forever too. (A local embedded Ray is sized for its stage instead, see
-  ``runtime.local_cpus_for_training``; an autoscaling cluster adds nodes for pending work.)
+  ``capacity.local_cpus_for_training``; an autoscaling cluster adds nodes for pending work.)
 * Preprocessing runs its decode tasks on the driver's node (where a local source lives): a head
   node with no CPUs (ray-cluster.yaml) can never run them.
 
@@ -27,7 +27,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pipeline import runtime, storage
+from pipeline import capacity, runtime, storage
 from pipeline.config import Config, ConfigError
 
 # The paths each stage's workers, tasks or actors read or write on other nodes.
@@ -200,12 +200,7 @@ def _preprocessed(config: Config) -> bool:
 def _check_resources(config: Config, stage: str, facts: ClusterFacts) -> None:
     scaling = config.scaling
     _check_one_worker_fits_a_node(scaling, facts)
-    runs = 1
-    if stage == "tune":
-        from pipeline.tune.search import concurrent_trials_that_fit
-
-        runs = config.tune.max_concurrent_trials or concurrent_trials_that_fit(
-            config, {"CPU": facts.cpus, "GPU": facts.gpus})
+    runs = capacity.concurrent_trials(config, {"CPU": facts.cpus, "GPU": facts.gpus}) if stage == "tune" else 1
     # An elastic run starts with min_workers, and then takes as many workers as fit, up to num_workers.
     fewest = scaling.min_workers or scaling.num_workers
     if scaling.use_gpu and scaling.gpus_per_worker:
@@ -215,9 +210,7 @@ def _check_resources(config: Config, stage: str, facts: ClusterFacts) -> None:
                 f"scaling.use_gpu=true asks for {wanted:g} GPUs ({_runs(runs)}{_workers_key(scaling)}={fewest} "
                 f"x scaling.gpus_per_worker={scaling.gpus_per_worker:g}), and this cluster has {facts.gpus:g} and no "
                 f"autoscaler: the run would wait forever. Lower them, or add GPU nodes")
-    workers = scaling.num_workers
-    if scaling.min_workers and scaling.cpus_per_worker:
-        workers = max(fewest, min(workers, int(facts.cpus // (runs * scaling.cpus_per_worker))))
+    workers = capacity.workers_per_run(scaling, facts.cpus, runs)
     reserved = runs * workers * scaling.cpus_per_worker
     if facts.cpus - reserved < 1:
         raise ConfigError(
@@ -231,21 +224,13 @@ def _check_resources(config: Config, stage: str, facts: ClusterFacts) -> None:
             f"or add CPUs")
 
 
-def worker_request(scaling) -> dict:
-    """What one training worker asks Ray for (as ``run_training`` passes it to Ray Train)."""
-    request = {"CPU": scaling.cpus_per_worker, **scaling.custom_resources}
-    if scaling.use_gpu:
-        request["GPU"] = scaling.gpus_per_worker
-    return {name: amount for name, amount in request.items() if amount}
-
-
 def _check_one_worker_fits_a_node(scaling, facts: ClusterFacts) -> None:
     """A worker is placed on one node: a request larger than every node (4 GPUs per worker on
     1-GPU nodes) waits forever on a cluster that cannot grow, however many nodes it has."""
     if not facts.node_resources:
         return
-    request = worker_request(scaling)
-    if any(all(node.get(name, 0.0) >= amount for name, amount in request.items()) for node in facts.node_resources):
+    request = capacity.worker_request(scaling)
+    if capacity.workers_that_fit(request, facts.node_resources, wanted=1):
         return
     largest = {name: max(node.get(name, 0.0) for node in facts.node_resources) for name in request}
     wanted = ", ".join(f"{amount:g} {name}" for name, amount in request.items())
@@ -257,29 +242,15 @@ def _check_one_worker_fits_a_node(scaling, facts: ClusterFacts) -> None:
         f"or add larger nodes")
 
 
-def workers_that_fit(request: dict, nodes: list[dict], wanted: int) -> int:
-    """How many workers of ``request`` the nodes' total resources hold, placed greedily."""
-    free = [dict(node) for node in nodes]
-    placed = 0
-    for _ in range(wanted):
-        node = next((node for node in free if all(node.get(k, 0.0) >= v for k, v in request.items())), None)
-        if node is None:
-            break
-        for name, amount in request.items():
-            node[name] -= amount
-        placed += 1
-    return placed
-
-
 def waiting_note(config: Config, stage: str, facts: ClusterFacts) -> Optional[str]:
     """On an autoscaling cluster a request the nodes up now cannot hold is a wait, not an error:
     the pending workers are the demand that makes the autoscaler add nodes. Say so, so that a
     quiet job is not mistaken for a hung one."""
     if stage not in ("train", "tune") or facts.local or not facts.autoscaling or not facts.node_resources:
         return None
-    request = worker_request(config.scaling)
+    request = capacity.worker_request(config.scaling)
     wanted = config.scaling.num_workers * ((config.tune.max_concurrent_trials or 1) if stage == "tune" else 1)
-    fit = workers_that_fit(request, facts.node_resources, wanted)
+    fit = capacity.workers_that_fit(request, facts.node_resources, wanted)
     if fit >= wanted:
         return None
     asked = ", ".join(f"{amount:g} {name}" for name, amount in request.items())

@@ -104,11 +104,6 @@ def _raise_stopped(signum, frame):
     raise Stopped()
 
 
-# Logical CPUs kept free of training workers for the Ray Data tasks that feed them: reserving
-# every CPU for workers starves the input pipeline and the run hangs.
-INGEST_CPUS = 2
-
-
 def check_address(address: str | None = None) -> str | None:
     """The cluster's GCS address (host:port) when ``address`` / ``RAY_ADDRESS`` names one and a TCP
     connect reaches it, else InputError at once: a port where nothing listens took ``ray.init``
@@ -171,16 +166,3 @@ def join_failure(address: str, error: Exception, environ) -> str:
                     "in this shell")
     return message
 
-
-def local_cpus_for_training(config, trials: int = 1) -> int:
-    """Logical CPUs for a local Ray that trains ``trials`` runs at once: the workers' reservations
-    plus ``INGEST_CPUS``. TensorFlow's threads are sized separately in the worker loop."""
-    reserved = trials * config.scaling.num_workers * config.scaling.cpus_per_worker
-    return max(os.cpu_count() or 1, int(reserved + 0.999) + INGEST_CPUS)
-
-
-def local_trials(config) -> int:
-    """Trials a local Ray runs at once: ``tune.max_concurrent_trials``, else one per core's worth
-    of worker reservations."""
-    per_trial = config.scaling.num_workers * max(config.scaling.cpus_per_worker, 1.0)
-    return config.tune.max_concurrent_trials or max(1, int((os.cpu_count() or 1) // per_trial))

@@ -8,7 +8,7 @@ import pytest
 import ray
 
 import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before anything imports TensorFlow)
-from pipeline import runtime
+from pipeline import capacity, runtime
 from synthetic_data import make_image_folder
 
 pytest.register_assert_rewrite("infer_files")  # its checks are the inference tests' assertions
@@ -52,7 +52,7 @@ def local_ray():
     ``stop_local_ray`` first, and the next test that asks for this one starts it again."""
     if not ray.is_initialized():
         with gpu_node_environment() as gpus:
-            runtime.connect(num_cpus=runtime.INGEST_CPUS + 2, num_gpus=gpus)
+            runtime.connect(num_cpus=capacity.INGEST_CPUS + 2, num_gpus=gpus)
     yield
 
 

@@ -11,7 +11,7 @@ import os
 import pytest
 import ray
 
-from pipeline import runtime, storage
+from pipeline import capacity, runtime, storage
 from pipeline.config import load_config
 from pipeline.data.preprocess import run_preprocess
 from pipeline.infer import run_inference
@@ -42,7 +42,7 @@ def s3_environment():
 @pytest.fixture(scope="module")
 def s3_ray(s3_environment):
     stop_local_ray()  # its workers must inherit the S3 environment: a Ray of its own
-    runtime.connect(num_cpus=runtime.INGEST_CPUS + 2)
+    runtime.connect(num_cpus=capacity.INGEST_CPUS + 2)
     yield
     ray.shutdown()
 

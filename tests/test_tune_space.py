@@ -8,7 +8,7 @@ import pytest
 from ray import tune
 
 from pipeline.config import ConfigError, load_config, to_dict
-from pipeline.tune.search import check_search, concurrent_trials_that_fit, make_scheduler
+from pipeline.tune.search import check_search, make_scheduler
 from pipeline.tune.space import Dimension, parse_space, pbt_mutations, trial_config
 
 from conftest import REPO
@@ -134,12 +134,3 @@ def test_pbt_mutates_only_what_can_change_mid_run():
     scheduler = make_scheduler(search_config("tune.scheduler=pbt"), dimensions)
     assert scheduler._perturbation_interval == 2 and scheduler._time_attr == "epoch" and scheduler.last_epoch == 3
 
-
-def test_concurrency_from_the_cluster_resources():
-    config = search_config("scaling.num_workers=2", "train.global_batch_size=16")
-    # Two CPUs stay with Ray Data's input tasks; each trial's 2 workers take one CPU each.
-    assert concurrent_trials_that_fit(config, {"CPU": 10}) == 4
-    assert concurrent_trials_that_fit(config, {"CPU": 2}) == 1  # never zero: trials queue
-    gpus = search_config("scaling.use_gpu=true", "scaling.gpus_per_worker=1")
-    assert concurrent_trials_that_fit(gpus, {"CPU": 64, "GPU": 4}) == 4
-    assert concurrent_trials_that_fit(gpus, {"CPU": 64, "GPU": 0}) == 1

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 import pipeline
-from pipeline import InputError, NotFound, PipelineError, storage
+from pipeline import InputError, NotFound, PipelineError, capacity, storage
 from pipeline.config import Config, fingerprint
 from pipeline.infer.inputs import folders_not_in_classes, labels_from_folders, resolve_inputs
 from pipeline.infer.outputs import (accuracy_report, check_complete, committed_paths, finish_predictions,
@@ -76,14 +76,9 @@ def build_dataset(paths: list[str], labels: Optional[np.ndarray], model_dir: str
 def _warn_if_no_cpu_left_for_decoding(settings) -> None:
     import ray
 
-    cpus = ray.cluster_resources().get("CPU", 0)
-    reserved = settings.num_actors * settings.cpus_per_actor
-    # A warning, not an error: an autoscaling cluster may be about to grow.
-    if cpus - reserved < 1:
-        log.warning(f"the model actors reserve {reserved:g} of the cluster's {cpus:g} CPUs "
-                    "(infer.num_actors x infer.cpus_per_actor), leaving less than one for the decode "
-                    "tasks: the job waits until more CPUs join; lower one of them (e.g. "
-                    "--set infer.cpus_per_actor=0.5)")
+    warning = capacity.decode_cpu_warning(settings, ray.cluster_resources().get("CPU", 0))
+    if warning:
+        log.warning(warning)
 
 
 def run_inference(config: Config, address: Optional[str] = None) -> dict:

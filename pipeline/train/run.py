@@ -23,11 +23,11 @@ import ray.train
 from ray.train.tensorflow import TensorflowTrainer
 
 from pipeline import PipelineError, reports, storage, tracking
+from pipeline.capacity import worker_request
 from pipeline.config import Config, batch_sizes, scaled_learning_rate, to_dict, to_yaml
 from pipeline.data.manifest import images_from_column, lease
 from pipeline.data.preprocess import ensure_preprocessed
 from pipeline.models.saving import checkpoint_problem
-from pipeline.preflight import worker_request
 from pipeline.train.history import columns as history_columns
 from pipeline.train.loop import train_loop_per_worker
 

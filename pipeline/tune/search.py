@@ -29,7 +29,7 @@ from ray import tune
 from ray.train import UserCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining, TrialScheduler
 
-from pipeline import InputError, PipelineError, runtime, storage, tracking
+from pipeline import InputError, PipelineError, capacity, storage, tracking
 from pipeline.config import (TUNE_METRICS, Config, ConfigError, from_dict, saved_dict, to_dict, to_yaml,
                              with_absolute_paths)
 from pipeline.models.saving import checkpoint_problem
@@ -188,22 +188,7 @@ def _trial_dirname(trial) -> str:
 def trial_concurrency(config: Config) -> int:
     """``tune.max_concurrent_trials``, or as many trials as the cluster's resources hold now
     (after the CPUs left to Ray Data's input tasks)."""
-    import ray
-
-    if config.tune.max_concurrent_trials:
-        return config.tune.max_concurrent_trials
-    return concurrent_trials_that_fit(config, ray.cluster_resources())
-
-
-def concurrent_trials_that_fit(config: Config, resources: dict) -> int:
-    scaling = config.scaling
-    fits = []
-    if scaling.cpus_per_worker:
-        spare = resources.get("CPU", 0) - runtime.INGEST_CPUS
-        fits.append(spare // (scaling.num_workers * scaling.cpus_per_worker))
-    if scaling.use_gpu and scaling.gpus_per_worker:
-        fits.append(resources.get("GPU", 0) // (scaling.num_workers * scaling.gpus_per_worker))
-    return max(1, int(min(fits))) if fits else 1
+    return capacity.concurrent_trials(config, ray.cluster_resources())
 
 
 def make_scheduler(config: Config, dimensions: list[Dimension]):
