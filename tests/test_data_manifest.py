@@ -10,7 +10,7 @@ import pytest
 import ray
 
 from pipeline import storage
-from pipeline.data.manifest import collect_garbage, images_from_column, lease, open_manifest
+from pipeline.data.manifest import DatasetInfo, Manifest, collect_garbage, images_from_column, lease, open_manifest
 from pipeline.data.preprocess import run_preprocess
 
 from data_files import make_config, make_noise_folder, shard_folders, write_synthetic_build
@@ -73,3 +73,15 @@ def test_images_from_column_checks_row_length():
     np.testing.assert_array_equal(images_from_column(column, 4), pixels)
     with pytest.raises(ValueError, match="48 bytes per row"):
         images_from_column([b"\0" * 47], 4)
+
+
+def test_dataset_info_crosses_to_the_workers_as_a_plain_dict():
+    manifest = Manifest("/data", {"class_names": ["cat", "dog"], "image_size": 32, "build": "shards-x",
+                                  "normalization": {"mean": [1.0, 2.0, 3.0], "std": [4.0, 5.0, 6.0]},
+                                  "splits": {"train": {"rows": 10, "shards": []}, "test": {"rows": 4, "shards": []}}})
+    info = DatasetInfo.from_manifest(manifest, identity={"image_size": 32})
+    wire = info.to_dict()
+    assert wire == {"class_names": ["cat", "dog"], "image_size": 32, "mean": [1.0, 2.0, 3.0], "std": [4.0, 5.0, 6.0],
+                    "rows": {"train": 10, "test": 4}, "identity": {"image_size": 32}}
+    assert DatasetInfo.from_dict(wire) == info
+    assert info.num_classes == 2 and info.has("test") and not info.has("val")

@@ -19,6 +19,7 @@ A build deletes other builds' shard folders only when no unexpired lease names t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import posixpath
 import threading
@@ -131,6 +132,39 @@ class Manifest:
         finally:
             if use_v2:
                 context.use_datasource_v2 = use_v2
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What a training worker knows of the preprocessed data, so that it never opens the manifest.
+    It crosses to the workers in ``train_loop_config`` as the plain dict of ``to_dict``."""
+
+    class_names: list[str]
+    image_size: int
+    mean: list[float]  # per channel, 0-255 pixel units, of the train split
+    std: list[float]
+    rows: dict[str, int]  # per split that was built: train, and val and test where present
+    identity: dict  # what its checkpoints are only valid with (``train.run.training_identity``)
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest, identity: dict) -> DatasetInfo:
+        rows = {split: manifest.rows(split) for split in ("train", "val", "test") if manifest.has_split(split)}
+        return cls(class_names=manifest.class_names, image_size=manifest.image_size, mean=manifest.mean,
+                   std=manifest.std, rows=rows, identity=identity)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> DatasetInfo:
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def has(self, split: str) -> bool:
+        return bool(self.rows.get(split))
 
 
 def write_manifest(output: str, config, source, *, config_fingerprint: str, build: str, splits: dict,

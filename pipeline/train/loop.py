@@ -11,10 +11,14 @@ After the last epoch every worker copies the weights into a plain float32 model 
 its share of the test split (one all-reduce adds the results up); rank 0 exports that model, so
 the reported test accuracy is the accuracy of the file users serve. The callbacks (reports,
 checkpoints, progress, TensorBoard) are in ``callbacks.py``, the input pipeline in ``inputs.py``.
+
+``train_loop_per_worker`` reads as its steps, one function each: ``set_up_devices``,
+``make_inputs``, ``build_model``, ``restore``, ``fit``, ``evaluate_and_export``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -27,7 +31,9 @@ import tensorflow as tf
 import tf_keras as keras
 
 from pipeline import storage
-from pipeline.config import batch_sizes, from_dict, per_replica_batch_size, replicas_per_worker, scaled_learning_rate
+from pipeline.config import (Config, batch_sizes, from_dict, per_replica_batch_size, replicas_per_worker,
+                             scaled_learning_rate)
+from pipeline.data.manifest import DatasetInfo
 from pipeline.models.registry import create_model
 from pipeline.models.saving import model_metadata, predict_function, restore_checkpoint, save_export
 from pipeline.train import devices, inputs
@@ -41,12 +47,45 @@ log = logging.getLogger(__name__)
 
 def train_loop_per_worker(loop_config: dict) -> None:
     config = from_dict(loop_config["config"])
-    dataset_info = loop_config["dataset"]  # class names, normalisation, rows per split
+    dataset = DatasetInfo.from_dict(loop_config["dataset"])
     run_dir = loop_config["run_dir"]
+
+    worker = set_up_devices(config, run_dir)
+    data = make_inputs(config, dataset, worker)
+    model, optimizer = build_model(config, dataset, worker, data.train_steps)
+    start = restore(model, optimizer, loop_config.get("start_from"), config, worker, data.train_steps, run_dir)
+    metadata = model_metadata(kind="checkpoint", class_names=dataset.class_names, image_size=dataset.image_size,
+                              config=loop_config["config"], mean=dataset.mean, std=dataset.std,
+                              precision=worker.precision, identity=dataset.identity)
+    if worker.rank == 0:
+        record_attempt(run_dir, worker.world_size, start.epoch, start.step)
+    if not fit(model, config, data, worker, start, metadata, run_dir):
+        return  # diverged: every worker stops here alike; the driver raises TrainingDiverged from the history
+
+    # Every worker reads the weights: BatchNorm's moving statistics are on-read-synchronised
+    # variables, so reading them is an all-reduce that a lone rank 0 would wait on forever.
+    weights = model.get_weights()
+    evaluate_and_export(weights, config, dataset, metadata, run_dir, worker)
+
+
+@dataclasses.dataclass(frozen=True)
+class Worker:
+    """This worker's place in the group and what it computes with, the same on every worker."""
+
+    rank: int
+    world_size: int
+    local_replicas: int  # one per GPU the worker sees, else one
+    strategy: tf.distribute.MultiWorkerMirroredStrategy
+    precision: str  # fp32, bf16 or fp16
+    steps_per_execution: int
+    jit_compile: bool
+
+
+def set_up_devices(config: Config, run_dir: str) -> Worker:
+    """Devices, threads, seed, strategy and precision (see pipeline/train/devices.py), recorded in
+    ``workers/rank-NNN.json``. Call on every worker alike: the precision is agreed by all-reduce."""
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-
-    # Device placement, replicas, precision and collective: see pipeline/train/devices.py.
     scaling = config.scaling
     gpus = devices.local_gpus(scaling, rank)
     # Several workers on one node would each start a full-size thread pool and thrash the cores.
@@ -68,113 +107,157 @@ def train_loop_per_worker(loop_config: dict) -> None:
     storage.write_json(storage.join(run_dir, "workers", f"rank-{rank:03d}.json"), devices.worker_facts(
         context, gpus, strategy, precision=precision, collective=collective,
         steps_per_execution=steps_per_execution, jit_compile=jit_compile))
+    return Worker(rank=rank, world_size=world_size, local_replicas=local_replicas, strategy=strategy,
+                  precision=precision, steps_per_execution=steps_per_execution, jit_compile=jit_compile)
 
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """This worker's input: fresh, finite datasets of its Ray Data shards for every epoch (see
+    inputs.shard_to_dataset); each step takes one batch per local replica."""
+
+    config: Config
+    dataset: DatasetInfo
+    worker: Worker
+    replica_batch: int
+    global_batch: int
+    train_steps: int  # per epoch
+    validation_steps: int | None  # None without a val split
+    validation_batches: int | None
+    augmentation: inputs.Augmentation | None
+
+    def train(self, epoch: int, steps: int):
+        def dataset_fn(_):
+            return inputs.prefetch(inputs.shard_to_dataset(
+                ray.train.get_dataset_shard("train"), image_size=self.dataset.image_size,
+                num_classes=self.dataset.num_classes, batch_size=self.replica_batch,
+                steps=steps * self.worker.local_replicas,
+                shuffle_buffer_size=inputs.shuffle_buffer_rows(self.config.train, self.dataset.image_size),
+                shuffle_seed=inputs.worker_seed(self.config.train.seed, self.worker.rank, epoch),
+                augmentation=self.augmentation))
+
+        return self.worker.strategy.distribute_datasets_from_function(dataset_fn)
+
+    def validation(self):
+        if self.validation_steps is None:
+            return None
+
+        def dataset_fn(_):
+            return inputs.prefetch(inputs.shard_to_dataset(
+                ray.train.get_dataset_shard("val"), image_size=self.dataset.image_size,
+                num_classes=self.dataset.num_classes, batch_size=self.replica_batch,
+                steps=self.validation_batches, drop_remainder=False))
+
+        return self.worker.strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def make_inputs(config: Config, dataset: DatasetInfo, worker: Worker) -> Inputs:
     # The actual worker count: an elastic run (scaling.min_workers) may have fewer than configured;
     # the global batch stays, each worker's share changes.
-    _, global_batch = batch_sizes(config, world_size)
-    replica_batch = per_replica_batch_size(config, world_size)
-    num_classes, image_size = len(dataset_info["class_names"]), dataset_info["image_size"]
-    # Each step takes one batch per local replica from this worker's dataset.
+    _, global_batch = batch_sizes(config, worker.world_size)
+    replica_batch = per_replica_batch_size(config, worker.world_size)
     train_steps, _ = inputs.steps_and_batches(
-        dataset_info["rows"]["train"], world_size, replica_batch, local_replicas, drop_remainder=True)
+        dataset.rows["train"], worker.world_size, replica_batch, worker.local_replicas, drop_remainder=True)
     if train_steps == 0:
-        raise ValueError(f"the train split ({dataset_info['rows']['train']} rows) is smaller than one global "
+        raise ValueError(f"the train split ({dataset.rows['train']} rows) is smaller than one global "
                          f"batch ({global_batch}); lower train.global_batch_size")
+    validation_steps, validation_batches = None, None
+    if dataset.has("val"):
+        validation_steps, validation_batches = inputs.steps_and_batches(
+            dataset.rows["val"], worker.world_size, replica_batch, worker.local_replicas, drop_remainder=False)
     # Shuffling and augmentation draw from a seed per worker and epoch (each worker sees other
     # images anyway); train.seed null: random.
-    augmentation = inputs.Augmentation.from_config(config.train, dataset_info["mean"] or [0, 0, 0])
+    augmentation = inputs.Augmentation.from_config(config.train, dataset.mean or [0, 0, 0])
+    return Inputs(config=config, dataset=dataset, worker=worker, replica_batch=replica_batch,
+                  global_batch=global_batch, train_steps=train_steps, validation_steps=validation_steps,
+                  validation_batches=validation_batches, augmentation=augmentation)
 
-    def train_dataset_fn(_, epoch, steps):
-        return inputs.prefetch(inputs.shard_to_dataset(
-            ray.train.get_dataset_shard("train"), image_size=image_size, num_classes=num_classes,
-            batch_size=replica_batch, steps=steps * local_replicas,
-            shuffle_buffer_size=inputs.shuffle_buffer_rows(config.train, image_size),
-            shuffle_seed=inputs.worker_seed(config.train.seed, rank, epoch), augmentation=augmentation))
 
-    val_dataset_fn, validation_steps = None, None
-    if dataset_info["rows"].get("val"):
-        validation_steps, validation_batches = inputs.steps_and_batches(
-            dataset_info["rows"]["val"], world_size, replica_batch, local_replicas, drop_remainder=False)
-
-        def val_dataset_fn(_):
-            return inputs.prefetch(inputs.shard_to_dataset(
-                ray.train.get_dataset_shard("val"), image_size=image_size, num_classes=num_classes,
-                batch_size=replica_batch, steps=validation_batches, drop_remainder=False))
-
-    with strategy.scope():
-        model = create_model(config.model, num_classes=num_classes, image_size=image_size,
-                            mean=dataset_info["mean"], std=dataset_info["std"])
-        optimizer = make_optimizer(config, train_steps, precision)
+def build_model(config: Config, dataset: DatasetInfo, worker: Worker, steps_per_epoch: int):
+    """The compiled model and its optimizer, built in the strategy's scope (mirrored variables)."""
+    with worker.strategy.scope():
+        model = create_model(config.model, num_classes=dataset.num_classes, image_size=dataset.image_size,
+                             mean=dataset.mean, std=dataset.std)
+        optimizer = make_optimizer(config, steps_per_epoch, worker.precision)
         model.compile(optimizer=optimizer, loss=keras.losses.CategoricalCrossentropy(
                           label_smoothing=config.train.label_smoothing),
-                      metrics=metrics(num_classes), steps_per_execution=steps_per_execution,
-                      jit_compile=jit_compile)
+                      metrics=metrics(dataset.num_classes), steps_per_execution=worker.steps_per_execution,
+                      jit_compile=worker.jit_compile)
         optimizer.build(model.trainable_variables)  # slots exist before a restore fills them
     # Per-step logs (progress lines) of the local replica: Keras' default sums them over replicas
     # (top-5 accuracy 2.0 with two workers). Epoch logs are reduced across replicas either way.
     model.distribute_reduction_method = "first"
+    return model, optimizer
 
-    initial_epoch, initial_step, history = 0, 0, []
+
+@dataclasses.dataclass(frozen=True)
+class Start:
+    """Where this attempt of the run starts training, and the metric history before it."""
+
+    epoch: int = 0
+    step: int = 0  # within ``epoch``: a checkpoint taken inside an epoch resumes there
+    history: list[dict] = dataclasses.field(default_factory=list)  # appended to by ReportToRayTrain
+
+
+def restore(model, optimizer, start_from, config: Config, worker: Worker, steps_per_epoch: int,
+            run_dir: str) -> Start:
+    """Weights, optimizer slots and step counter from the checkpoint this attempt starts from."""
     # The run's own latest checkpoint (a restart, or the same run name again) wins over the one a
     # new run was asked to start from (population-based training hands over another trial's).
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        checkpoint = loop_config.get("start_from")
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = restore_checkpoint(directory, model=model, optimizer=optimizer)
-        # A checkpoint inside an epoch resumes at its step (the optimizer's step counter, restored
-        # with it, keeps the schedule exact); the epoch is finished with the steps it had left.
-        initial_epoch, initial_step, history = state["epoch"], state.get("step", 0), state["history"]
-        # Written with another worker count (elastic), an epoch may have a step fewer now.
-        initial_step = min(initial_step, train_steps - 1)
-        at = f" step {initial_step}/{train_steps}" if initial_step else ""
-        log.info(f"rank {rank} resumed from {checkpoint.path} at epoch {initial_epoch}/{config.train.epochs}{at}")
-        if rank == 0:
-            # A run started from another run's checkpoint has its history from the first moment,
-            # even if no epoch is left to train.
-            write_history(history, run_dir)
+        checkpoint = start_from
+    if checkpoint is None:
+        return Start()
+    with checkpoint.as_directory() as directory:
+        state = restore_checkpoint(directory, model=model, optimizer=optimizer)
+    # A checkpoint inside an epoch resumes at its step (the optimizer's step counter, restored
+    # with it, keeps the schedule exact); the epoch is finished with the steps it had left.
+    # Written with another worker count (elastic), an epoch may have a step fewer now.
+    start = Start(epoch=state["epoch"], step=min(state.get("step", 0), steps_per_epoch - 1), history=state["history"])
+    at = f" step {start.step}/{steps_per_epoch}" if start.step else ""
+    log.info(f"rank {worker.rank} resumed from {checkpoint.path} at epoch {start.epoch}/{config.train.epochs}{at}")
+    if worker.rank == 0:
+        # A run started from another run's checkpoint has its history from the first moment,
+        # even if no epoch is left to train.
+        write_history(start.history, run_dir)
+    return start
 
-    metadata = model_metadata(kind="checkpoint", class_names=dataset_info["class_names"], image_size=image_size,
-                              config=loop_config["config"], mean=dataset_info["mean"], std=dataset_info["std"],
-                              precision=precision, identity=dataset_info["identity"])
-    if rank == 0:
-        record_attempt(run_dir, world_size, initial_epoch, initial_step)
-    reporter = ReportToRayTrain(config=config, metadata=metadata, history=history, run_dir=run_dir,
-                                rank=rank, images_per_epoch=train_steps * global_batch, steps_per_epoch=train_steps,
-                                precision=precision, workers=world_size)
-    inside = CheckpointInsideEpochs(reporter, steps_per_epoch=train_steps, every_steps=config.train.checkpoint_every_steps,
+
+def fit(model, config: Config, data: Inputs, worker: Worker, start: Start, metadata: dict, run_dir: str) -> bool:
+    """Train from ``start`` to train.epochs, one ``model.fit`` per epoch; False if the weights diverged."""
+    reporter = ReportToRayTrain(config=config, metadata=metadata, history=start.history, run_dir=run_dir,
+                                rank=worker.rank, images_per_epoch=data.train_steps * data.global_batch,
+                                steps_per_epoch=data.train_steps, precision=worker.precision,
+                                workers=worker.world_size)
+    inside = CheckpointInsideEpochs(reporter, steps_per_epoch=data.train_steps,
+                                    every_steps=config.train.checkpoint_every_steps,
                                     check_steps=config.train.preemption_check_steps,
-                                    score_key="val_accuracy" if dataset_info["rows"].get("val") else "accuracy")
+                                    score_key="val_accuracy" if data.dataset.has("val") else "accuracy")
     watchdog = StallWatchdog(config.train.stall_timeout_seconds)
     callbacks = [reporter, inside, watchdog]
-    if rank == 0:
+    if worker.rank == 0:
         callbacks.append(TensorBoardToStorage(storage.join(run_dir, "tensorboard")))
         if config.run.progress_seconds:
-            callbacks.append(ProgressLog(config.train.epochs, train_steps, global_batch, config.run.progress_seconds))
+            callbacks.append(ProgressLog(config.train.epochs, data.train_steps, data.global_batch,
+                                         config.run.progress_seconds))
     step_counters = [callback for callback in callbacks if hasattr(callback, "first_step")]
-    for epoch in range(initial_epoch, config.train.epochs):
-        first_step = initial_step if epoch == initial_epoch else 0
-        steps = train_steps - first_step
+
+    for epoch in range(start.epoch, config.train.epochs):
+        first_step = start.step if epoch == start.epoch else 0
+        steps = data.train_steps - first_step
         for callback in step_counters:
             callback.first_step = first_step
-        # Fresh, finite datasets per epoch (see inputs.shard_to_dataset); Keras keeps its traced
-        # train step across these calls, the optimizer keeps its step counter.
-        validation = strategy.distribute_datasets_from_function(val_dataset_fn) if val_dataset_fn else None
-        train_data = strategy.distribute_datasets_from_function(
-            lambda context: train_dataset_fn(context, epoch, steps))
-        model.fit(train_data, initial_epoch=epoch,
-                  epochs=epoch + 1, steps_per_epoch=steps, validation_data=validation,
-                  validation_steps=validation_steps, callbacks=callbacks, verbose=2 if rank == 0 else 0)
+        # Fresh datasets per epoch; Keras keeps its traced train step across these calls, the
+        # optimizer keeps its step counter.
+        validation = data.validation()
+        model.fit(data.train(epoch, steps), initial_epoch=epoch, epochs=epoch + 1, steps_per_epoch=steps,
+                  validation_data=validation, validation_steps=data.validation_steps, callbacks=callbacks,
+                  verbose=2 if worker.rank == 0 else 0)
         if reporter.diverged:
-            watchdog.disarm()
-            return  # every worker stops here alike; the driver raises TrainingDiverged from the history
+            break
     watchdog.disarm()
-
-    # Every worker reads the weights: BatchNorm's moving statistics are on-read-synchronised
-    # variables, so reading them is an all-reduce that a lone rank 0 would wait on forever.
-    weights = model.get_weights()
-    finish(weights, config, dataset_info, metadata, run_dir, strategy, rank, world_size)
+    return not reporter.diverged
 
 
 def record_attempt(run_dir: str, workers: int, epoch: int, step: int) -> None:
@@ -206,25 +289,25 @@ def metrics(num_classes: int) -> list:
             keras.metrics.TopKCategoricalAccuracy(k=min(5, num_classes), name="top5_accuracy")]
 
 
-def finish(weights, config, dataset_info, metadata, run_dir, strategy, rank: int, world_size: int) -> None:
+def evaluate_and_export(weights, config: Config, dataset: DatasetInfo, metadata: dict, run_dir: str,
+                        worker: Worker) -> None:
     """Every worker, after training: the weights in a plain float32 model (the one users serve),
     its test evaluation shared out among the workers, then rank 0 exports it with the result."""
     keras.mixed_precision.set_global_policy("float32")
-    serving_model = create_model(config.model, num_classes=len(dataset_info["class_names"]),
-                                image_size=dataset_info["image_size"], mean=dataset_info["mean"],
-                                std=dataset_info["std"])
+    serving_model = create_model(config.model, num_classes=dataset.num_classes, image_size=dataset.image_size,
+                                 mean=dataset.mean, std=dataset.std)
     serving_model.set_weights(weights)
 
-    split = "test" if dataset_info["rows"].get("test") else "val"
+    split = "test" if dataset.has("test") else "val"
     evaluation = {"split": split}
-    if dataset_info["rows"].get(split):
+    if dataset.has(split):
         started = time.perf_counter()
-        evaluation.update(evaluate_split(serving_model, ray.train.get_dataset_shard(f"{split}_full"), strategy,
-                                         rank, world_size, image_size=dataset_info["image_size"],
-                                         batch_size=batch_sizes(config, world_size)[0],
+        evaluation.update(evaluate_split(serving_model, ray.train.get_dataset_shard(f"{split}_full"), worker.strategy,
+                                         worker.rank, worker.world_size, image_size=dataset.image_size,
+                                         batch_size=batch_sizes(config, worker.world_size)[0],
                                          flip=config.model.test_time_flip))
         evaluation["seconds"] = round(time.perf_counter() - started, 3)
-    if rank == 0:
+    if worker.rank == 0:
         export_dir = save_export(serving_model, {**metadata, "evaluation": evaluation}, storage.join(run_dir, "export"))
         evaluation["export"] = export_dir
         storage.write_json(storage.join(run_dir, "evaluation.json"), evaluation)

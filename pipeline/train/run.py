@@ -25,7 +25,7 @@ from ray.train.tensorflow import TensorflowTrainer
 from pipeline import PipelineError, reports, storage, tracking
 from pipeline.capacity import worker_request
 from pipeline.config import Config, batch_sizes, scaled_learning_rate, to_dict, to_yaml
-from pipeline.data.manifest import images_from_column, lease
+from pipeline.data.manifest import DatasetInfo, images_from_column, lease
 from pipeline.data.preprocess import ensure_preprocessed
 from pipeline.models.saving import checkpoint_problem
 from pipeline.train.history import columns as history_columns
@@ -67,9 +67,29 @@ def run_training(config: Config, *, callbacks=(), start_from=None, tracking_pare
 
 
 def _train(config: Config, manifest, callbacks, start_from, tracking_parent, tracking_tags) -> dict:
-    storage_path = storage.absolute(config.run.storage_path)
     name = run_name(config)
-    run_dir = storage.join(storage_path, name)
+    run_dir = storage.join(storage.absolute(config.run.storage_path), name)
+    identity = training_identity(config, manifest)
+    prepare_run_dir(config, run_dir, identity)
+    log_plan(config, run_dir)
+    datasets = read_datasets(config, manifest)
+    tracker = tracking.start_run(config, run_dir, name, "training", parent_run_id=tracking_parent, tags=tracking_tags)
+    if tracker is not None and tracker.run_id != "none":
+        callbacks = [*callbacks, tracking.TrackEpochs(tracker)]
+    trainer = make_trainer(config, run_dir, datasets, DatasetInfo.from_manifest(manifest, identity), callbacks,
+                           start_from)
+    result, wall_seconds = fit_checked(trainer, tracker, run_dir, name)
+    summary = summarise(config, manifest, run_dir, result, wall_seconds)
+    tracked = tracking.finish_training(tracker, config, run_dir, summary)
+    if tracked is not None:
+        summary["tracking"] = tracked
+        storage.write_json(storage.join(run_dir, "summary.json"), summary)
+    return summary
+
+
+def prepare_run_dir(config: Config, run_dir: str, identity: dict) -> None:
+    """The run folder, checked before a resume and cleared of what this attempt rewrites."""
+    name = run_name(config)
     storage.makedirs(run_dir)
     # Ray Train V2 resumes from the checkpoints listed in this snapshot (its commit point).
     if not storage.exists(storage.join(run_dir, "checkpoint_manager_snapshot.json")):
@@ -77,7 +97,7 @@ def _train(config: Config, manifest, callbacks, start_from, tracking_parent, tra
     else:
         history_path = storage.join(run_dir, "history.json")
         done = len(storage.read_json(history_path)) if storage.exists(history_path) else 0
-        check_resumable(run_dir, name, training_identity(config, manifest))
+        check_resumable(run_dir, name, identity)
         log.info(f"resuming run '{name}' from its latest checkpoint ({done} of {config.train.epochs} epochs "
                  f"recorded); use another run.name to start afresh")
     # The run is not complete until these are rewritten (evaluation.json by the workers, last).
@@ -85,15 +105,22 @@ def _train(config: Config, manifest, callbacks, start_from, tracking_parent, tra
     storage.delete(storage.join(run_dir, "evaluation.json"))
     storage.delete(storage.join(run_dir, "workers"))  # rewritten by this attempt's workers
     storage.write_text(storage.join(run_dir, "config.yaml"), to_yaml(config))
+
+
+def log_plan(config: Config, run_dir: str) -> None:
     per_worker_batch, global_batch = batch_sizes(config)
     workers = config.scaling.num_workers
     elastic = config.scaling.min_workers is not None
-    log.info(f"training run '{name}' in {run_dir}: {config.model.name}, {config.train.epochs} epochs, "
+    log.info(f"training run '{run_name(config)}' in {run_dir}: {config.model.name}, {config.train.epochs} epochs, "
              + (f"{config.scaling.min_workers}-{workers} workers (elastic; {per_worker_batch} each at {workers}) = "
                 if elastic else f"{workers} worker(s) x {per_worker_batch} = ")
              + f"global batch {global_batch}, "
              f"lr {scaled_learning_rate(config):g} ({config.train.lr_schedule}), precision {config.train.precision}")
 
+
+def read_datasets(config: Config, manifest) -> dict:
+    """The Ray Datasets the workers read: train, val and test, and ``<split>_full`` for the final
+    evaluation (test, else val)."""
     # A new file order every epoch, streamed (see Manifest.read_split), plus each worker's buffer.
     datasets = {"train": manifest.read_split("train", shuffle_files=True, seed=config.train.seed)}
     for split in ("val", "test"):
@@ -102,23 +129,18 @@ def _train(config: Config, manifest, callbacks, start_from, tracking_parent, tra
     final_split = "test" if manifest.has_split("test") else "val"
     if final_split in datasets:
         datasets[f"{final_split}_full"] = datasets[final_split]
-    has_val = "val" in datasets
-    dataset_info = {
-        "class_names": manifest.class_names, "image_size": manifest.image_size,
-        "mean": manifest.mean, "std": manifest.std,
-        "rows": {split: manifest.rows(split) for split in ("train", "val", "test") if manifest.has_split(split)},
-        "identity": training_identity(config, manifest),
-    }
+    return datasets
 
-    tracker = tracking.start_run(config, run_dir, name, "training", parent_run_id=tracking_parent, tags=tracking_tags)
-    if tracker is not None and tracker.run_id != "none":
-        callbacks = [*callbacks, tracking.TrackEpochs(tracker)]
+
+def make_trainer(config: Config, run_dir: str, datasets: dict, dataset: DatasetInfo, callbacks,
+                 start_from) -> TensorflowTrainer:
     scaling = config.scaling
+    elastic = scaling.min_workers is not None
     resources = {"CPU": scaling.cpus_per_worker, **worker_request(scaling)}
-    storage_fs, storage_fs_path = storage.filesystem(storage_path)
-    trainer = TensorflowTrainer(
+    storage_fs, storage_fs_path = storage.filesystem(storage.absolute(config.run.storage_path))
+    return TensorflowTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": to_dict(config), "dataset": dataset_info, "run_dir": run_dir,
+        train_loop_config={"config": to_dict(config), "dataset": dataset.to_dict(), "run_dir": run_dir,
                            "start_from": start_from},
         scaling_config=ray.train.ScalingConfig(
             num_workers=(scaling.min_workers, scaling.num_workers) if elastic else scaling.num_workers,
@@ -131,10 +153,10 @@ def _train(config: Config, manifest, callbacks, start_from, tracking_parent, tra
         run_config=ray.train.RunConfig(
             # The filesystem this package reads and writes the run folder with, given to Ray Train
             # too: its checkpoint uploads and our own files go through one client and one config.
-            name=name, storage_path=storage_fs_path, storage_filesystem=storage_fs,
+            name=run_name(config), storage_path=storage_fs_path, storage_filesystem=storage_fs,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=config.train.checkpoints_to_keep,
-                checkpoint_score_attribute="val_accuracy" if has_val else "accuracy",
+                checkpoint_score_attribute="val_accuracy" if "val" in datasets else "accuracy",
                 checkpoint_score_order="max"),
             # A node drained with reason preemption (pipeline.preemption on spot nodes) is retried
             # without using up max_failures, which is for real failures.
@@ -142,6 +164,11 @@ def _train(config: Config, manifest, callbacks, start_from, tracking_parent, tra
                                                    max_preemption_failures=config.train.max_preemptions),
             callbacks=list(callbacks)),
     )
+
+
+def fit_checked(trainer: TensorflowTrainer, tracker, run_dir: str, name: str):
+    """(result, wall seconds) of a run that finished with finite weights; a run that fails, diverges
+    or is stopped ends its tracking run first."""
     started = time.perf_counter()
     try:
         result = fit_in_thread(trainer)
@@ -151,12 +178,7 @@ def _train(config: Config, manifest, callbacks, start_from, tracking_parent, tra
     except BaseException as error:
         tracking.end_run(tracker, "KILLED" if isinstance(error, (KeyboardInterrupt, pipeline.Stopped)) else "FAILED")
         raise
-    summary = summarise(config, manifest, run_dir, result, wall_seconds)
-    tracked = tracking.finish_training(tracker, config, run_dir, summary)
-    if tracked is not None:
-        summary["tracking"] = tracked
-        storage.write_json(storage.join(run_dir, "summary.json"), summary)
-    return summary
+    return result, wall_seconds
 
 
 def training_identity(config: Config, manifest) -> dict:
@@ -289,6 +311,6 @@ def attempts(run_dir: str, history: list[dict]) -> list[dict]:
 
 
 def _worker_records(run_dir: str) -> list[dict]:
-    """What each worker saw when it started (see ``loop.record_worker``), by rank."""
+    """What each worker saw when it started (see ``loop.set_up_devices``), by rank."""
     folder = storage.join(run_dir, "workers")
     return [storage.read_json(storage.join(folder, name)) for name in storage.list_dir(folder) if name.endswith(".json")]

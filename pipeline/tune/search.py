@@ -27,6 +27,7 @@ import ray
 from pyarrow.fs import LocalFileSystem
 from ray import tune
 from ray.train import UserCallback
+from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining, TrialScheduler
 
 from pipeline import InputError, PipelineError, capacity, storage, tracking
@@ -282,12 +283,7 @@ def _train_trial(trial_id: str, params: dict, base: dict, search_dir: str, forwa
     # Several runs at once under one driver: Ray Data's progress bars (redrawn many times a
     # second per run) would bury Tune's status table. Each epoch's line still shows progress.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    start_from = tune.get_checkpoint()
-    name, origin = trial_id, None
-    if start_from is not None:
-        name = f"{trial_id}-{hashlib.sha1(start_from.path.encode()).hexdigest()[:8]}"
-        start_from = _settled_copy(start_from, storage.join(search_dir, "trials", name, "start_checkpoint"))
-        origin = _checkpoint_origin(start_from)
+    name, start_from, origin = _segment_start(trial_id, search_dir)
     results.record_segment(search_dir, trial_id, {"run": name, "from": origin, "params": params})
     config = trial_config(base, params)  # a bad combination fails this trial, with the key named
     config.run.name = name
@@ -296,15 +292,32 @@ def _train_trial(trial_id: str, params: dict, base: dict, search_dir: str, forwa
     tracked = {"tracking_parent": tracking_parent, "tracking_tags": {
         "pipeline.trial": trial_id, **({"pipeline.pbt_from": f"trial {origin['trial']} at epoch {origin['epoch']}"}
                                        if origin else {})}}
+    if forward_checkpoints:
+        _run_reporting_checkpoints(config, start_from, tracked)
+    else:
+        run_training(config, callbacks=[EpochReportsToTune()], start_from=start_from, **tracked)
 
-    if not forward_checkpoints:
-        run_training(config, callbacks=[epoch_reports_to_tune()], start_from=start_from, **tracked)
-        return
-    # PBT clones trials through Tune checkpoints, but TuneReportCallback forwards metrics only. So
-    # the run goes to a thread, and this (Tune's) thread reports each epoch with its checkpoint,
-    # one at a time: the queue holds one item, as TuneReportCallback's does, so Ray Train waits
-    # for Tune's decision (continue, pause, exploit) after every report.
+
+def _segment_start(trial_id: str, search_dir: str):
+    """(run name, checkpoint to start from, where it came from) of this segment of the trial: its own
+    run, or under PBT a new run from the copy of another trial's checkpoint that Tune handed over."""
+    handed_over = tune.get_checkpoint()
+    if handed_over is None:
+        return trial_id, None, None
+    name = f"{trial_id}-{hashlib.sha1(handed_over.path.encode()).hexdigest()[:8]}"
+    start_from = _settled_copy(handed_over, storage.join(search_dir, "trials", name, "start_checkpoint"))
+    return name, start_from, _checkpoint_origin(start_from)
+
+
+def _run_reporting_checkpoints(config: Config, start_from, tracked: dict) -> None:
+    """``run_training`` under PBT, which clones trials through Tune checkpoints while
+    TuneReportCallback forwards metrics only. So the run goes to a thread, and this (Tune's) thread
+    reports each epoch with its checkpoint, one at a time: the queue holds one item, as
+    TuneReportCallback's does, so Ray Train waits for Tune's decision (continue, pause, exploit)
+    after every report."""
     from ray.util.queue import Queue
+
+    from pipeline.train.run import run_training
 
     reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
     outcome: dict = {}
@@ -317,7 +330,7 @@ def _train_trial(trial_id: str, params: dict, base: dict, search_dir: str, forwa
         finally:
             reports.put(None)
 
-    thread = threading.Thread(target=fit, name=f"train-{name}", daemon=True)
+    thread = threading.Thread(target=fit, name=f"train-{config.run.name}", daemon=True)
     thread.start()
     while (item := reports.get()) is not None:
         metrics, checkpoint = item
@@ -334,16 +347,12 @@ def ends_an_epoch(metrics: list) -> bool:
     return bool(metrics) and "epoch" in metrics[0]
 
 
-def epoch_reports_to_tune():
+class EpochReportsToTune(TuneReportCallback):
     """Ray's ``TuneReportCallback``, given epoch-end reports only (see ``ends_an_epoch``)."""
-    from ray.tune.integration.ray_train import TuneReportCallback
 
-    class EpochReportsToTune(TuneReportCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            if ends_an_epoch(metrics):
-                super().after_report(run_context, metrics, checkpoint)
-
-    return EpochReportsToTune()
+    def after_report(self, run_context, metrics, checkpoint):
+        if ends_an_epoch(metrics):
+            super().after_report(run_context, metrics, checkpoint)
 
 
 class ReportCheckpointsToTune(UserCallback):
