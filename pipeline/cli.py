@@ -21,6 +21,7 @@ import signal
 import sys
 
 from pipeline import InputError, PipelineError, Stopped  # (pipeline first: TF_USE_LEGACY_KERAS before TensorFlow)
+from pipeline import capacity
 from pipeline.config import describe, load_config, to_yaml
 
 # Only the project's own input errors: a ValueError from deep in TensorFlow or Ray is a bug to report
@@ -118,8 +119,6 @@ def what_was_kept(args) -> str:
 
 
 def run(args) -> int:
-    from pipeline import capacity, runtime
-
     if args.command == "drain-on-preemption":
         from pipeline.preemption import watch
 
@@ -140,56 +139,8 @@ def run(args) -> int:
     if args.command == "config":
         print(describe() if args.keys else to_yaml(config), end="\n")
         return 0
-    if args.command in ("preprocess", "train", "tune"):
-        from pipeline import preflight
-        from pipeline.data.preprocess import ensure_preprocessed, run_preprocess, source_to_build, summarize
-
-        if args.command == "tune":
-            from pipeline.tune.search import check_search
-
-            check_search(config)
-        if args.command in ("train", "tune"):
-            from pipeline.tracking import check_tracking
-
-            check_tracking(config)
-        # Before Ray starts: a cluster address where nothing answers, bad outputs, and a missing,
-        # empty or damaged source, each fail in a second. Joining a cluster is quick, and what it
-        # refuses (local paths on several nodes, its token) comes first there; starting a local Ray
-        # takes 10-20 s, so the source is checked before it.
-        runtime.check_address(args.address)
-        preflight.check_before_ray(config, args.command)
-        force = getattr(args, "force", False)
-        joining = bool(args.address or os.environ.get("RAY_ADDRESS"))
-        source = None if joining else source_to_build(config, args.command, force)
-        trials = capacity.local_trials(config) if args.command == "tune" else 1
-        connect_and_check(config, args, num_cpus=None if args.command == "preprocess"
-                          else capacity.local_cpus_for_training(config, trials))
-        if joining:
-            source = source_to_build(config, args.command, force)
-        if args.command == "preprocess":
-            print(summarize(run_preprocess(config, force=force, source=source)))
-            return 0
-        if source is not None:
-            ensure_preprocessed(config, source)  # built once here; the stage then finds it current
-        if args.command == "train":
-            from pipeline.train.run import run_training
-
-            print_training_summary(run_training(config))
-        else:
-            from pipeline.tune.search import run_search
-
-            print_search_summary(run_search(config))
-        return 0
-    if args.command == "serve":
-        from pipeline.serve import check_serve, run_serve
-
-        runtime.check_address(args.address)
-        check_serve(config.serve)  # a missing or damaged model is refused before Ray starts
-        connect_and_check(config, args)
-        run_serve(config)
-        return 0
     if args.command == "predict":
-        from pipeline.infer import predict_image, run_inference
+        from pipeline.infer import predict_image
         from pipeline.infer.inputs import is_single_image
 
         settings = config.infer
@@ -199,15 +150,57 @@ def run(args) -> int:
                 raise InputError("no model given: set --model (or infer.model) to an export, checkpoint or run folder")
             print_image_prediction(predict_image(settings.model, settings.input, settings.top_k))
             return 0
-        runtime.check_address(args.address)
-        print_inference_summary(run_inference(config, args.address))  # checks its inputs, then connects
-        return 0
-    raise AssertionError(args.command)
+    checked = check_before_ray(config, args)
+    trials = capacity.local_trials(config) if args.command == "tune" else 1
+    connect_and_check(config, args, num_cpus=capacity.local_cpus_for_training(config, trials)
+                      if args.command in ("train", "tune") else None)
+    run_stage(config, args, checked)
+    return 0
+
+
+def check_before_ray(config, args):
+    """What a stage can refuse before Ray starts, each in a second: the config, a cluster address
+    where nothing answers, the folders it writes, then its inputs. Returns what the last checks
+    resolved: the inference plan, or the data source to build (None: nothing to build, or a source
+    resolved once the cluster is joined)."""
+    from pipeline import preflight, runtime
+
+    if args.command == "tune":
+        from pipeline.tune.search import check_search
+
+        check_search(config)
+    if args.command in ("train", "tune"):
+        from pipeline.tracking import check_tracking
+
+        check_tracking(config)
+    runtime.check_address(args.address)
+    preflight.check_before_ray(config, args.command)
+    if args.command == "serve":
+        from pipeline.serve import check_serve
+
+        check_serve(config.serve)  # a missing or damaged model
+        return None
+    if args.command == "predict":
+        from pipeline.infer import plan_inference
+
+        return plan_inference(config)  # the model, the input files and the output
+    # Joining a cluster is quick, and what it refuses (local paths on several nodes, its token)
+    # comes first there; starting a local Ray takes 10-20 s, so a missing, empty or damaged source
+    # is refused before it.
+    if joins_a_cluster(args):
+        return None
+    from pipeline.data.preprocess import source_to_build
+
+    return source_to_build(config, args.command, getattr(args, "force", False))
+
+
+def joins_a_cluster(args) -> bool:
+    return bool(args.address or os.environ.get("RAY_ADDRESS"))
 
 
 def connect_and_check(config, args, num_cpus: int | None = None) -> None:
     """Start or join Ray, then the checks that depend on the cluster (shared storage, CPUs left
-    for input, the driver's node): they fail here, before any work."""
+    for input or decoding, the driver's node): they fail here, before any work."""
     from pipeline import preflight, runtime
 
     runtime.connect(args.address, num_cpus=num_cpus)
@@ -219,6 +212,42 @@ def connect_and_check(config, args, num_cpus: int | None = None) -> None:
     note = preflight.waiting_note(config, args.command, facts)
     if note:
         print(note, flush=True)
+    if args.command == "predict":
+        from pipeline.infer.run import warn_if_no_cpu_left_for_decoding
+
+        warn_if_no_cpu_left_for_decoding(config.infer, facts.cpus)
+
+
+def run_stage(config, args, checked) -> None:
+    """The stage's one ``run_*`` function on the Ray that ``connect_and_check`` started or joined,
+    and its summary. ``checked``: what ``check_before_ray`` resolved."""
+    if args.command == "serve":
+        from pipeline.serve import run_serve
+
+        run_serve(config)
+        return
+    if args.command == "predict":
+        from pipeline.infer import run_inference
+
+        print_inference_summary(run_inference(config, checked))
+        return
+    from pipeline.data.preprocess import ensure_preprocessed, run_preprocess, source_to_build, summarize
+
+    force = getattr(args, "force", False)
+    source = source_to_build(config, args.command, force) if joins_a_cluster(args) else checked
+    if args.command == "preprocess":
+        print(summarize(run_preprocess(config, force=force, source=source)))
+        return
+    if source is not None:
+        ensure_preprocessed(config, source)  # built once here; the stage then finds it current
+    if args.command == "train":
+        from pipeline.train.run import run_training
+
+        print_training_summary(run_training(config))
+    else:
+        from pipeline.tune.search import run_search
+
+        print_search_summary(run_search(config))
 
 
 def print_training_summary(summary: dict) -> None:

@@ -103,7 +103,8 @@ def source_to_build(config: Config, stage: str, force: bool = False) -> Optional
 
 def run_preprocess(config: Config, force: bool = False, source: Optional[Source] = None) -> Manifest:
     """Build ``config.data.output`` from ``config.data.source`` unless a matching build exists.
-    ``source``: the source already resolved by ``source_to_build`` (else it is resolved here)."""
+    ``source``: the source already resolved by ``source_to_build`` (else it is resolved here).
+    Runs on the Ray the caller started or joined; without one, Ray Data starts a local Ray."""
     started = time.perf_counter()
     data = config.data
     output = storage.absolute(data.output)
@@ -132,10 +133,6 @@ def run_preprocess(config: Config, force: bool = False, source: Optional[Source]
     log.info("splits: " + ", ".join(f"{name} {len(items)}" for name, items in splits.items())
         + (f" ({data.split_method} split, val_fraction {data.val_fraction}, seed {data.split_seed})"
            if "val" in splits else ""))
-
-    from pipeline import runtime
-
-    runtime.connect()  # no-op when the caller already connected (jobs, cli, tests)
 
     build = f"shards-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
     try:

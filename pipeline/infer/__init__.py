@@ -48,7 +48,8 @@ from pipeline.infer.inputs import list_inputs
 from pipeline.infer.outputs import IncompleteOutput
 from pipeline.infer.predictor import (ERROR_SCHEMA, Predictor, decode_batch, predict_image, prediction_columns,
                                       prediction_schema)
-from pipeline.infer.run import build_dataset, run_inference
+from pipeline.infer.run import InferencePlan, build_dataset, plan_inference, run_inference
 
-__all__ = ["ERROR_SCHEMA", "IncompleteOutput", "Predictor", "build_dataset", "decode_batch", "list_inputs",
-           "predict_image", "prediction_columns", "prediction_schema", "run_inference"]
+__all__ = ["ERROR_SCHEMA", "IncompleteOutput", "InferencePlan", "Predictor", "build_dataset", "decode_batch",
+           "list_inputs", "plan_inference", "predict_image", "prediction_columns", "prediction_schema",
+           "run_inference"]

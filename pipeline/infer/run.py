@@ -1,6 +1,6 @@
-"""``run_inference``: the driver of batch inference. It checks the model, the inputs and the
-output before Ray starts, builds the streaming Ray Data pipeline (paths -> decode tasks -> model
-actor pool -> Parquet parts), then finishes the outputs and writes the summary last."""
+"""The driver of batch inference. ``plan_inference`` checks the model, the inputs and the output
+before Ray starts; ``run_inference`` builds the streaming Ray Data pipeline (paths -> decode tasks
+-> model actor pool -> Parquet parts), then finishes the outputs and writes the summary last."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import datetime
 import logging
 import math
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -17,7 +18,7 @@ import pipeline
 from pipeline import InputError, NotFound, PipelineError, capacity, storage
 from pipeline.config import Config, fingerprint
 from pipeline.infer.inputs import folders_not_in_classes, labels_from_folders, resolve_inputs
-from pipeline.infer.outputs import (accuracy_report, check_complete, committed_paths, finish_predictions,
+from pipeline.infer.outputs import (OutputLayout, accuracy_report, check_complete, committed_paths, finish_predictions,
                                     other_stagings, output_layout, read_staged_errors, write_table)
 from pipeline.infer.predictor import Predictor, decode_batch, prediction_schema, read_model_metadata
 
@@ -73,19 +74,32 @@ def build_dataset(paths: list[str], labels: Optional[np.ndarray], model_dir: str
     )
 
 
-def _warn_if_no_cpu_left_for_decoding(settings) -> None:
-    import ray
-
-    warning = capacity.decode_cpu_warning(settings, ray.cluster_resources().get("CPU", 0))
+def warn_if_no_cpu_left_for_decoding(settings, cpus: float) -> None:
+    """Warn when the model actors leave less than one of the cluster's ``cpus`` to the decode tasks."""
+    warning = capacity.decode_cpu_warning(settings, cpus)
     if warning:
         log.warning(warning)
 
 
-def run_inference(config: Config, address: Optional[str] = None) -> dict:
-    """Classify every image named by ``config.infer.input`` and write the outputs; returns the
-    summary (also written as the summary JSON, last). Inputs, model and output are checked before
-    Ray starts; Ray is started (or joined at ``address``) with ``pipeline.runtime.connect`` if the
-    caller has not done so already."""
+@dataclass
+class InferencePlan:
+    """What ``run_inference`` classifies and where it writes, checked before Ray starts. Used once:
+    ``run_inference`` takes its file list."""
+    model_dir: str
+    class_names: list[str]
+    image_size: int
+    layout: OutputLayout
+    paths: Optional[list[str]]
+    labels: Optional[np.ndarray]
+    labelled: bool
+    stage_seconds: dict
+    started: float  # time.perf_counter() when the checks began: the summary's elapsed time counts from here
+    checked: float  # ... and when they ended: until run_inference begins, Ray starts (or is joined)
+
+
+def plan_inference(config: Config) -> InferencePlan:
+    """The model, the input files and the output, checked and listed without Ray: each mistake
+    fails in a second, not after a local Ray's 10-20 s start."""
     settings = config.infer
     started = time.perf_counter()
     if not settings.model:
@@ -118,14 +132,22 @@ def run_inference(config: Config, address: Optional[str] = None) -> dict:
         log.warning(f"the input's class folders {', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''} are "
                     f"not classes of this model ({', '.join(class_names[:10])}{', ...' if len(class_names) > 10 else ''}"
                     f"): every file is classified, but no accuracy can be reported")
+    return InferencePlan(model_dir, class_names, image_size, layout, paths, labels, labelled, stage_seconds,
+                         started=started, checked=time.perf_counter())
 
-    from pipeline import preflight, runtime
 
-    clock = time.perf_counter()
-    runtime.connect(address)
-    preflight.check(config, "predict", preflight.cluster_facts())
-    stage_seconds["connect_ray"] = round(time.perf_counter() - clock, 3)
-    _warn_if_no_cpu_left_for_decoding(settings)
+def run_inference(config: Config, plan: Optional[InferencePlan] = None) -> dict:
+    """Classify every image named by ``config.infer.input`` and write the outputs; returns the
+    summary (also written as the summary JSON, last). ``plan``: from ``plan_inference``, made
+    before Ray started (else made here). Runs on the Ray the caller started or joined; without
+    one, Ray Data starts a local Ray."""
+    settings = config.infer
+    plan = plan or plan_inference(config)
+    model_dir, class_names, image_size, layout = plan.model_dir, plan.class_names, plan.image_size, plan.layout
+    labelled, started, stage_seconds = plan.labelled, plan.started, dict(plan.stage_seconds)
+    paths, labels = plan.paths, plan.labels
+    plan.paths = plan.labels = None  # held here alone, so that the driver can let them go once they are in Ray
+    stage_seconds["connect_ray"] = round(time.perf_counter() - plan.checked, 3)
     storage.delete(layout.summary)  # an older summary would vouch for the new, still partial output
     storage.delete(layout.confusion_matrix)  # and an older plot would outlive an unlabelled run
     for stale in other_stagings(layout):
