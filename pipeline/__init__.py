@@ -16,10 +16,9 @@ import os
 # workers (pipeline.runtime). A value already set (by the user or a job's runtime_env) wins.
 TENSORFLOW_ENV = {
     "TF_USE_LEGACY_KERAS": "1",
-    # TensorFlow turns its oneDNN CPU kernels on by default only on Intel CPUs with AVX-512 VNNI /
-    # bf16 / AMX; elsewhere (AMD EPYC, older Xeons) it falls back to Eigen. Measured on a 2-vCPU
-    # AMD EPYC (AVX2), ResNet-18 fp32 training with oneDNN on: the bare Keras script 1.37x faster,
-    # this pipeline (MultiWorkerMirroredStrategy) ~1.7x (BENCHMARKS.md). It changes CPU kernels only.
+    # TensorFlow turns its oneDNN CPU kernels on only on recent Intel CPUs; elsewhere (AMD EPYC, older
+    # Xeons) its Eigen kernels train far slower, most of all under MultiWorkerMirroredStrategy. CPU
+    # kernels only (see BENCHMARKS.md, "Training speed (issue 3)").
     "TF_ENABLE_ONEDNN_OPTS": "1",
     # TensorFlow's C++ INFO lines (oneDNN notices, cuInit failures on CPU nodes) drown the progress
     # output users need; warnings and errors still show.

@@ -150,8 +150,9 @@ def check_joinable(address: str) -> None:
 
 
 def join_failure(address: str, error: Exception, environ) -> str:
-    """One line for a cluster that refused us. Ray >= 2.59 clusters are usually token-protected,
-    and Ray's client sends its token only if ``RAY_AUTH_MODE=token`` is set here too."""
+    """One line for a cluster that refused us. Clusters of current Ray are usually token-protected
+    (see docs/design-notes.md, "Joining a token-protected cluster"), and Ray's client sends its
+    token only if ``RAY_AUTH_MODE=token`` is set here too."""
     if isinstance(error, ray.exceptions.AuthenticationError):
         if environ.get("RAY_AUTH_MODE") != "token":
             return (f"could not join the Ray cluster at {address}: it uses token authentication; set "

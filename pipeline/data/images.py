@@ -52,8 +52,9 @@ def decode_image(data: bytes, image_size: int, *, reduce: bool = True) -> np.nda
     A picture much larger than the target is first reduced: a JPEG while it is decoded, to no less
     than twice the target on each side (draft mode: the decoder scales by 1/2, 1/4 or 1/8 in the
     DCT domain, skipping most of the work), other formats to four times the target by box averaging
-    (``Image.reduce``). A 12 MP photo to 32 px then costs a seventh of a full decode, with the same
-    accuracy (BENCHMARKS.md). ``reduce=False``: the full decode, for comparisons.
+    (``Image.reduce``). A large photo then costs a fraction of a full decode, with the same accuracy
+    (see BENCHMARKS.md, "Photos: decoding at the size needed"). ``reduce=False``: the full decode,
+    for comparisons.
     """
     if not data:
         raise UnreadableImage("empty file (0 bytes)")
@@ -74,7 +75,8 @@ def decode_image(data: bytes, image_size: int, *, reduce: bool = True) -> np.nda
         raise UnreadableImage(f"cannot decode image: {reason}") from None
     if reduce and not drafted:
         # Box averaging is a coarser filter than the DCT scaling: it stops at four times the target,
-        # where the bicubic resize's own smoothing takes over (measured in BENCHMARKS.md).
+        # where the bicubic resize's own smoothing takes over (see BENCHMARKS.md, "Photos: decoding
+        # at the size needed").
         factors = tuple(max(1, side // (4 * image_size)) for side in rgb.size)
         if factors != (1, 1):
             rgb = rgb.reduce(factors)

@@ -113,20 +113,18 @@ class Manifest:
         filesystem, _ = storage.filesystem(self.root)
         inner_paths = [storage.filesystem(path)[1] for path in paths]
         context = ray.data.DataContext.get_current()
-        # Ray 2.60's default Parquet reader ("datasource v2") starts footer-reading actors on every
-        # call: 7-18 s per split on a 2-CPU node, for a few files whose rows the manifest already
-        # lists. The v1 reader took 0.7-1.9 s for the same split; it is chosen when read_parquet is
-        # called, so the flag is switched for this call only.
+        # The v1 Parquet reader: v2, Ray's default, starts footer-reading actors on every call, for rows
+        # the manifest already lists (see docs/design-notes.md, "Ray Data's Parquet reader"). The
+        # reader is chosen when read_parquet is called, so the flag is switched for this call only.
         use_v2 = getattr(context, "use_datasource_v2", False)
         context.use_datasource_v2 = False
         try:
             shuffle = (FileShuffleConfig(seed=seed, reseed_after_execution=True) if seed is not None else "files") \
                 if shuffle_files else None
-            # One block per shard file (at most preprocess.MAX_SHARD_BYTES of pixels). Left to itself Ray aims
-            # at 200 blocks per read (DataContext.read_op_min_num_blocks) and cut CIFAR-10's five
-            # train files into 135 blocks of 371 rows: 135 object-store objects and streaming-split
-            # hand-overs per epoch, which held one worker's input at ~4,300 images/s on a core;
-            # whole files reach the augmentation's own speed (BENCHMARKS.md).
+            # One block per shard file (at most preprocess.MAX_SHARD_BYTES of pixels): left to itself Ray
+            # aims at 200 blocks per read (DataContext.read_op_min_num_blocks), and every block's hand-over
+            # through the streaming split slows a worker's input (see BENCHMARKS.md, "One worker's input
+            # pipeline: whole files as blocks, augmentation in numpy").
             return ray.data.read_parquet(inner_paths, filesystem=filesystem, columns=["id", "label", "image"],
                                          num_cpus=READ_TASK_CPUS, shuffle=shuffle, override_num_blocks=len(paths))
         finally:

@@ -396,9 +396,9 @@ def _item_blocks(items: list[Item], rows_per_shard: int) -> list[pa.Table]:
 
 def _on_this_node() -> dict:
     """map_batches arguments that keep tasks on the driver's node, where a local source (or a local
-    output folder) lives; harmless on a single node. Ray >= 2.5x: the named ``label_selector`` on the
-    built-in node-id label (``ray_remote_args`` such as scheduling_strategy are deprecated there);
-    older Ray: a hard NodeAffinitySchedulingStrategy."""
+    output folder) lives; harmless on a single node. A ``label_selector`` on the built-in node-id label
+    where map_batches takes one, else a hard NodeAffinitySchedulingStrategy (see docs/design-notes.md,
+    "Keeping preprocess tasks on the driver's node")."""
     import ray
     from ray.data import Dataset
 
@@ -440,7 +440,8 @@ def _write_split(split: str, items: list[Item], source: Source, data: DataConfig
     # In order: shard n holds rows [n*R, (n+1)*R) of the split, so a rebuild writes the same files.
     dataset.context.execution_options.preserve_order = True
     # Ray Data's per-operator resource reservation keeps a share of the CPUs for the writer, which
-    # runs only once per shard: decode ran ~1 task at a time on 2 CPUs and ~3 on 8 (measured).
+    # runs only once per shard, and leaves decode a fraction of the cores (see BENCHMARKS.md,
+    # "Decode tasks under Ray Data's resource reservation").
     # Without it, decode tasks are capped explicitly below instead: 2 per CPU of this node keeps
     # every core busy (and the writer fed) without queueing the whole split at once.
     dataset.context.op_resource_reservation_enabled = False

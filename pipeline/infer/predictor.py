@@ -144,8 +144,9 @@ class Predictor:
         from pipeline import accelerators
         from pipeline.models.saving import inference_function, load_model
 
-        # Before the model touches a device: none if the actor holds no GPU (Ray no longer hides
-        # the node's GPUs from it), memory growth where fractional actors share one.
+        # Before the model touches a device: none if the actor holds no GPU (Ray leaves the node's
+        # GPUs visible to it, see pipeline/accelerators.py), memory growth where fractional actors
+        # share one.
         accelerators.hide_unrequested_gpus(gpus)
         devices = accelerators.visible_gpus()
         self.model, metadata = load_model(model_path)

@@ -80,10 +80,8 @@ def predict_function(model, flip: bool = False):
     """``model``'s forward pass for inference, as one TensorFlow function of float32 image batches
     of any size (traced once): what the model actors and the test evaluation call per batch.
 
-    Not ``model.predict_on_batch``: on a 2-vCPU machine, beside a running Ray, tf-keras' predict
-    function ran 8 of 36 batches with the work serialised onto one thread at a time, exactly
-    twice as long (both vCPUs half idle, no thread waiting for a CPU, with 2, 3 or 4 intra-op
-    threads alike); this function ran none of 36 so, same model, same setting (BENCHMARKS.md,
+    Not ``model.predict_on_batch``: beside a running Ray, tf-keras' predict function runs some
+    batches on one thread at a time, twice as long; this function has not (see BENCHMARKS.md,
     "The two-speed batches traced to predict_on_batch beside Ray")."""
     import tensorflow as tf
 
@@ -100,8 +98,9 @@ def predict_function(model, flip: bool = False):
 
 def _serving_module(model, flip: bool = False):
     """What the SavedModel holds: the serving signature and the variables it reads. Not the Keras
-    model itself: for that, tf-keras traces every layer's call functions too (5.4 s against 0.9 s
-    for the smoke model, once per training run); ``model.keras`` is the Keras file."""
+    model itself: for that, tf-keras traces every layer's call functions too, seconds per training
+    run (see BENCHMARKS.md, "Writing the export at the end of a run"); ``model.keras`` is the Keras
+    file."""
     import tensorflow as tf
 
     predict = predict_function(model, flip)
@@ -245,12 +244,12 @@ def load_keras_archive(path: str):
     """``keras.models.load_model(path, compile=False)`` for a ``.keras`` file (local or URI), with
     its weights read from a plain file instead of from inside the zip.
 
-    tf-keras hands h5py the weights member of the zip as a file object; h5py seeks in it ~700
-    times for a ResNet-18, and Python's zipfile serves each backward seek by reading the member
-    again from its start: most of the 2.6 s that ``load_model`` took here (ResNet-18, 2 vCPUs),
-    paid by every model actor before its first batch. Extracted, the whole load takes 0.7-0.9 s.
-    Only the archive is fetched, not the export's SavedModel beside it. (save_export writes the
-    weights as ``model.weights.h5`` and no assets: a ResNet has none.)"""
+    tf-keras hands h5py the weights member of the zip as a file object; h5py seeks in it hundreds
+    of times, and Python's zipfile serves each backward seek by reading the member again from its
+    start: most of a model actor's load before its first batch (see BENCHMARKS.md, "A model actor's
+    cold start, and loading an export 3x faster"). Only the archive is fetched, not the export's
+    SavedModel beside it. (save_export writes the weights as ``model.weights.h5`` and no assets: a
+    ResNet has none.)"""
     import io
     import json
     import zipfile

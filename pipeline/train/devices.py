@@ -71,7 +71,7 @@ def fast_precisions(gpus) -> set[str]:
         # older GPUs gain little from either.
         return {"bf16", "fp16"} if major >= 8 else {"fp16"} if major >= 7 else set()
     # On a CPU without bf16 units (AMX, AVX512_BF16) TensorFlow emulates bfloat16 and training gets
-    # several times slower than fp32.
+    # several times slower than fp32 (see BENCHMARKS.md, "Training speed (issue 3)").
     return {"bf16"} if cpu_has_bf16_units() else set()
 
 
@@ -115,7 +115,8 @@ def steps_per_execution(requested, use_gpu: bool) -> int:
 
 def jit_compile(requested, use_gpu: bool) -> bool:
     """``auto`` -> XLA on GPUs (fused element-wise kernels around the convolutions); off on CPUs,
-    where it measured slower than TensorFlow's oneDNN kernels (BENCHMARKS.md)."""
+    where it measured slower than TensorFlow's oneDNN kernels (see BENCHMARKS.md, "XLA, steps per
+    execution and precision on this CPU")."""
     if requested == "auto":
         return use_gpu
     return bool(requested)

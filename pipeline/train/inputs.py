@@ -213,10 +213,10 @@ class Rebatcher:
 class Augmentation:
     """Random crop with zero padding, horizontal flip and cutout, on whole uint8 batches in numpy:
     one strided gather for the crop, one reversed copy for the flips, one masked fill for cutout.
-    Over in-memory batches on one core here: ~66,000 images/s, against ~17,000 for the same ops
-    as a tf.data map (``tf.gather`` with batch dims, ``tf.where``) that left Ray Data and the
-    model little of a worker's core (benchmarks/input_benchmark.py). Seeded per worker and epoch,
-    so a run with ``train.seed`` augments alike every time."""
+    Several times faster than the same ops as a tf.data map, which left Ray Data and the model
+    little of a worker's core (see BENCHMARKS.md, "One worker's input pipeline: whole files as
+    blocks, augmentation in numpy"). Seeded per worker and epoch, so a run with ``train.seed``
+    augments alike every time."""
 
     def __init__(self, train: TrainConfig, fill_value):
         self.padding, self.flip, self.cutout = train.random_crop_padding, train.horizontal_flip, train.cutout

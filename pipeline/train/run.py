@@ -229,8 +229,9 @@ def _differs(old, new) -> bool:
 def fit_in_thread(trainer):
     """``trainer.fit()``, from a thread of its own. Called from the main thread, Ray Train installs
     its own Ctrl-C handler, whose abort ends the driver with status 1 and no word of what was kept
-    (Ray 2.60). Here Ctrl-C and SIGTERM reach the main thread as exceptions while it waits:
-    ``pipeline.cli`` says what was kept, and the driver's exit ends the run's actors."""
+    (see docs/design-notes.md, "Ray Train's Ctrl-C handler"). Here Ctrl-C and SIGTERM reach the main
+    thread as exceptions while it waits: ``pipeline.cli`` says what was kept, and the driver's exit
+    ends the run's actors."""
     outcome: dict = {}
 
     def fit():

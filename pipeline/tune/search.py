@@ -1,10 +1,10 @@
 """``run_search``: Ray Tune over distributed training runs, from a config to a finished search.
 
 Each trial is a Tune function trainable (``train_trial``) that builds and fits its own
-``TensorflowTrainer`` through ``run_training``, the Ray 2.x pattern that replaced
-``Tuner(trainer)``: its own Ray Train workers, checkpoints, history and export, in a run folder
-of the search. ``TuneReportCallback`` forwards each epoch's metrics from Ray Train to Tune, where
-the scheduler (ASHA by default) stops weak trials early.
+``TensorflowTrainer`` through ``run_training`` (Ray's pattern; ``Tuner(trainer)`` is deprecated, see
+docs/design-notes.md, "Tune over training runs"): its own Ray Train workers, checkpoints, history and
+export, in a run folder of the search. ``TuneReportCallback`` forwards each epoch's metrics from Ray
+Train to Tune, where the scheduler (ASHA by default) stops weak trials early.
 
 A search folder (``<tune.storage_path>/<tune.name>/``, local or s3:// / gs://) holds:
 ``search.yaml`` (the resolved config, written first), ``tune/`` (Ray Tune's experiment state:
