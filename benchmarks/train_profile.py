@@ -208,11 +208,11 @@ def main():
             speeds[label].append(measure())
     rows = [(label, sorted(values)[len(values) // 2], values) for label, values in speeds.items()]
 
-    facts = child("arithmetic", args)
+    flops = child("arithmetic", args)
     nominal, cores, ghz = nominal_gflops()
-    train_flops = 3 * facts["forward_flops_per_image"]
-    print(f"\nforward {facts['forward_flops_per_image'] / 1e9:.3f} GFLOP per 32x32 image, training step "
-          f"{train_flops / 1e9:.2f} GFLOP per image; float32 matmul here {facts['matmul_gflops']:.0f} GFLOP/s; "
+    train_flops = 3 * flops["forward_flops_per_image"]
+    print(f"\nforward {flops['forward_flops_per_image'] / 1e9:.3f} GFLOP per 32x32 image, training step "
+          f"{train_flops / 1e9:.2f} GFLOP per image; float32 matmul here {flops['matmul_gflops']:.0f} GFLOP/s; "
           f"nominal {nominal:.0f} GFLOP/s ({cores} cores x {ghz:.2f} GHz x 32)")
     print(f"{'what':48s} {'images/s':>9s} {'x baseline':>10s} {'GFLOP/s':>8s} {'of matmul':>10s} {'of nominal':>11s}"
           "  rounds")
@@ -222,10 +222,10 @@ def main():
         results.append({"what": label, "images_per_second": speed, "rounds": values,
                         "vs_baseline": round(speed / rows[0][1], 2), "gflops": round(achieved, 1)})
         print(f"{label:48s} {speed:9.1f} {speed / rows[0][1]:10.2f} {achieved:8.1f} "
-              f"{achieved / facts['matmul_gflops']:10.0%} {achieved / nominal:11.0%}  {values}")
+              f"{achieved / flops['matmul_gflops']:10.0%} {achieved / nominal:11.0%}  {values}")
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as handle:
-        json.dump({"arithmetic": {**facts, "nominal_gflops": round(nominal, 1), "cores": cores, "ghz": round(ghz, 2)},
+        json.dump({"arithmetic": {**flops, "nominal_gflops": round(nominal, 1), "cores": cores, "ghz": round(ghz, 2)},
                    "rows": results}, handle, indent=1)
     print(f"written to {args.json}")
 

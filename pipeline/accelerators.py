@@ -43,7 +43,7 @@ def visible_gpus() -> list:
     return gpus
 
 
-def process_facts(gpus) -> dict:
+def process_placement(gpus) -> dict:
     """Where this Ray process runs and what it sees, for the run's and the inference summaries."""
     import ray
 

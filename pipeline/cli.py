@@ -204,18 +204,18 @@ def connect_and_check(config, args, num_cpus: int | None = None) -> None:
     from pipeline import preflight, runtime
 
     runtime.connect(args.address, num_cpus=num_cpus)
-    facts = preflight.cluster_facts()
-    tracking_note = preflight.settle_tracking(config, args.command, facts)
+    cluster = preflight.cluster_shape()
+    tracking_note = preflight.settle_tracking(config, args.command, cluster)
     if tracking_note:
         print(tracking_note, flush=True)
-    preflight.check(config, args.command, facts)
-    note = preflight.waiting_note(config, args.command, facts)
+    preflight.check(config, args.command, cluster)
+    note = preflight.waiting_note(config, args.command, cluster)
     if note:
         print(note, flush=True)
     if args.command == "predict":
         from pipeline.infer.run import warn_if_no_cpu_left_for_decoding
 
-        warn_if_no_cpu_left_for_decoding(config.infer, facts.cpus)
+        warn_if_no_cpu_left_for_decoding(config.infer, cluster.cpus)
 
 
 def run_stage(config, args, checked) -> None:

@@ -53,7 +53,7 @@ WHO_USES = {
 
 
 @dataclass
-class ClusterFacts:
+class ClusterShape:
     local: bool                  # an embedded Ray this process started: one machine, sized for the stage
     nodes: int                   # alive nodes now
     autoscaling: bool            # an autoscaler may add (and remove) nodes
@@ -68,7 +68,7 @@ class ClusterFacts:
         return self.nodes > 1 or self.autoscaling
 
 
-def cluster_facts() -> ClusterFacts:
+def cluster_shape() -> ClusterShape:
     """What the connected Ray cluster looks like (call after ``runtime.connect``)."""
     import ray
 
@@ -76,7 +76,7 @@ def cluster_facts() -> ClusterFacts:
     this_node = ray.get_runtime_context().get_node_id()
     driver_cpus = next((node["Resources"].get("CPU", 0.0) for node in alive if node["NodeID"] == this_node), 0.0)
     resources = ray.cluster_resources()
-    return ClusterFacts(local=runtime.started_locally(), nodes=len(alive), autoscaling=_autoscaler_running(),
+    return ClusterShape(local=runtime.started_locally(), nodes=len(alive), autoscaling=_autoscaler_running(),
                         cpus=resources.get("CPU", 0.0), gpus=resources.get("GPU", 0.0),
                         driver_node_cpus=driver_cpus, working_dir=_job_working_dir(),
                         node_resources=[dict(node["Resources"]) for node in alive])
@@ -137,7 +137,7 @@ def check_before_ray(config: Config, stage: str) -> None:
             storage.check_writable_folder(value, f"{key}={value}")
 
 
-def settle_tracking(config: Config, stage: str, facts: ClusterFacts) -> Optional[str]:
+def settle_tracking(config: Config, stage: str, cluster: ClusterShape) -> Optional[str]:
     """``tracking.enabled: auto`` with the default local store on a cluster of several nodes: off,
     with a note (runs and trials log from any node, which cannot reach this node's store). Asked
     for explicitly (``true``), the same store is refused by ``check``."""
@@ -146,7 +146,7 @@ def settle_tracking(config: Config, stage: str, facts: ClusterFacts) -> Optional
     settings = config.tracking
     if stage not in ("train", "tune") or settings.enabled != "auto" or not tracking.enabled(settings):
         return None
-    if facts.multi_node and not facts.local and tracking.local_folder(settings) is not None:
+    if cluster.multi_node and not cluster.local and tracking.local_folder(settings) is not None:
         shared = [storage.absolute(path) for path in config.run.shared_paths]
         folder = tracking.local_folder(settings)
         if not any(folder == root or folder.startswith(root.rstrip("/") + "/") for root in shared):
@@ -156,17 +156,17 @@ def settle_tracking(config: Config, stage: str, facts: ClusterFacts) -> Optional
     return None
 
 
-def check(config: Config, stage: str, facts: ClusterFacts) -> None:
+def check(config: Config, stage: str, cluster: ClusterShape) -> None:
     """Raise ConfigError if ``stage`` cannot work here as configured."""
-    if facts.working_dir:
+    if cluster.working_dir:
         for key in [key for key in SHARED_PATHS[stage] if key in OUTPUT_PATHS]:
             value = _value(config, key)
             if value and not storage.is_uri(value) and not os.path.isabs(os.path.expanduser(value)):
                 raise ConfigError(
                     f"{key}={value} is a relative path, and this job runs in Ray's temporary copy of its "
-                    f"working directory ({facts.working_dir}), which Ray deletes: give an absolute path on "
+                    f"working directory ({cluster.working_dir}), which Ray deletes: give an absolute path on "
                     f"storage that outlives the job (s3://bucket/..., gs://bucket/..., or a shared mount)")
-    if facts.multi_node and not facts.local:
+    if cluster.multi_node and not cluster.local:
         shared = [storage.absolute(path) for path in config.run.shared_paths]
         for key in SHARED_PATHS[stage]:
             value = _value(config, key)
@@ -178,61 +178,61 @@ def check(config: Config, stage: str, facts: ClusterFacts) -> None:
                 continue
             path = storage.absolute(value.removeprefix("file://"))
             if not any(path == root or path.startswith(root.rstrip("/") + "/") for root in shared):
-                size = f"{facts.nodes} nodes" + (" and an autoscaler that adds more" if facts.autoscaling else "")
+                size = f"{cluster.nodes} nodes" + (" and an autoscaler that adds more" if cluster.autoscaling else "")
                 raise ConfigError(
                     f"{key}={value} is a local path, but this cluster has {size}: {WHO_USES[key]}, "
                     f"and other nodes cannot see this node's disk. Use s3://bucket/... or gs://bucket/..., "
                     f"or a folder every node mounts declared with run.shared_paths=[/mnt/shared]")
-    if stage in ("preprocess", "train", "tune") and not facts.local and facts.driver_node_cpus == 0 \
+    if stage in ("preprocess", "train", "tune") and not cluster.local and cluster.driver_node_cpus == 0 \
             and (stage == "preprocess" or not _preprocessed(config)):
         raise ConfigError(
             "preprocessing decodes on the driver's node (where a local data.source lives), and this driver "
             "runs on a node with no CPUs (a head node with CPU: 0): submit the job with "
             "`ray job submit --entrypoint-num-cpus 1 ...` so that the driver runs on a worker node")
-    if stage in ("train", "tune") and not facts.local and not facts.autoscaling:
-        _check_resources(config, stage, facts)
+    if stage in ("train", "tune") and not cluster.local and not cluster.autoscaling:
+        _check_resources(config, stage, cluster)
 
 
 def _preprocessed(config: Config) -> bool:
     return storage.exists(storage.join(config.data.output, "manifest.json"))
 
 
-def _check_resources(config: Config, stage: str, facts: ClusterFacts) -> None:
+def _check_resources(config: Config, stage: str, cluster: ClusterShape) -> None:
     scaling = config.scaling
-    _check_one_worker_fits_a_node(scaling, facts)
-    runs = capacity.concurrent_trials(config, {"CPU": facts.cpus, "GPU": facts.gpus}) if stage == "tune" else 1
+    _check_one_worker_fits_a_node(scaling, cluster)
+    runs = capacity.concurrent_trials(config, {"CPU": cluster.cpus, "GPU": cluster.gpus}) if stage == "tune" else 1
     # An elastic run starts with min_workers, and then takes as many workers as fit, up to num_workers.
     fewest = scaling.min_workers or scaling.num_workers
     if scaling.use_gpu and scaling.gpus_per_worker:
         wanted = runs * fewest * scaling.gpus_per_worker
-        if facts.gpus < wanted:
+        if cluster.gpus < wanted:
             raise ConfigError(
                 f"scaling.use_gpu=true asks for {wanted:g} GPUs ({_runs(runs)}{_workers_key(scaling)}={fewest} "
-                f"x scaling.gpus_per_worker={scaling.gpus_per_worker:g}), and this cluster has {facts.gpus:g} and no "
+                f"x scaling.gpus_per_worker={scaling.gpus_per_worker:g}), and this cluster has {cluster.gpus:g} and no "
                 f"autoscaler: the run would wait forever. Lower them, or add GPU nodes")
-    workers = capacity.workers_per_run(scaling, facts.cpus, runs)
+    workers = capacity.workers_per_run(scaling, cluster.cpus, runs)
     reserved = runs * workers * scaling.cpus_per_worker
-    if facts.cpus - reserved < 1:
+    if cluster.cpus - reserved < 1:
         raise ConfigError(
             f"{_runs(runs)}" + (f"{workers} elastic workers (scaling.min_workers={scaling.min_workers} to "
                                 f"num_workers={scaling.num_workers}, as many as fit)" if scaling.min_workers
                                 else f"scaling.num_workers={scaling.num_workers}") + " x scaling.cpus_per_worker="
-            f"{scaling.cpus_per_worker:g} reserve {reserved:g} of this cluster's {facts.cpus:g} CPUs, leaving "
+            f"{scaling.cpus_per_worker:g} reserve {reserved:g} of this cluster's {cluster.cpus:g} CPUs, leaving "
             f"none for the Ray Data tasks that feed the workers: training would wait for input forever. "
             f"Lower scaling.cpus_per_worker (TensorFlow uses every core of its node whatever is reserved, "
             f"e.g. --set scaling.cpus_per_worker=0.5), lower the workers{' or tune.max_concurrent_trials' if runs > 1 else ''}, "
             f"or add CPUs")
 
 
-def _check_one_worker_fits_a_node(scaling, facts: ClusterFacts) -> None:
+def _check_one_worker_fits_a_node(scaling, cluster: ClusterShape) -> None:
     """A worker is placed on one node: a request larger than every node (4 GPUs per worker on
     1-GPU nodes) waits forever on a cluster that cannot grow, however many nodes it has."""
-    if not facts.node_resources:
+    if not cluster.node_resources:
         return
     request = capacity.worker_request(scaling)
-    if capacity.workers_that_fit(request, facts.node_resources, wanted=1):
+    if capacity.workers_that_fit(request, cluster.node_resources, wanted=1):
         return
-    largest = {name: max(node.get(name, 0.0) for node in facts.node_resources) for name in request}
+    largest = {name: max(node.get(name, 0.0) for node in cluster.node_resources) for name in request}
     wanted = ", ".join(f"{amount:g} {name}" for name, amount in request.items())
     offered = ", ".join(f"{amount:g} {name}" for name, amount in largest.items())
     raise ConfigError(
@@ -242,19 +242,19 @@ def _check_one_worker_fits_a_node(scaling, facts: ClusterFacts) -> None:
         f"or add larger nodes")
 
 
-def waiting_note(config: Config, stage: str, facts: ClusterFacts) -> Optional[str]:
+def waiting_note(config: Config, stage: str, cluster: ClusterShape) -> Optional[str]:
     """On an autoscaling cluster a request the nodes up now cannot hold is a wait, not an error:
     the pending workers are the demand that makes the autoscaler add nodes. Say so, so that a
     quiet job is not mistaken for a hung one."""
-    if stage not in ("train", "tune") or facts.local or not facts.autoscaling or not facts.node_resources:
+    if stage not in ("train", "tune") or cluster.local or not cluster.autoscaling or not cluster.node_resources:
         return None
     request = capacity.worker_request(config.scaling)
     wanted = config.scaling.num_workers * ((config.tune.max_concurrent_trials or 1) if stage == "tune" else 1)
-    fit = capacity.workers_that_fit(request, facts.node_resources, wanted)
+    fit = capacity.workers_that_fit(request, cluster.node_resources, wanted)
     if fit >= wanted:
         return None
     asked = ", ".join(f"{amount:g} {name}" for name, amount in request.items())
-    return (f"the cluster's {facts.nodes} node(s) hold {fit} of the {wanted} training workers ({asked} each) now: "
+    return (f"the cluster's {cluster.nodes} node(s) hold {fit} of the {wanted} training workers ({asked} each) now: "
             f"waiting for the autoscaler to add nodes (`ray status` shows the pending demand)")
 
 

@@ -136,7 +136,7 @@ class ImageClassifier:
                 "run": {"name": (config.get("run") or {}).get("name") or config.get("recipe"),
                         "storage_path": (config.get("run") or {}).get("storage_path"),
                         "created": self.metadata.get("created"), "evaluation": self.metadata.get("evaluation")},
-                "replica": accelerators.process_facts(self.devices)}
+                "replica": accelerators.process_placement(self.devices)}
 
 
 def check_serve(settings: ServeConfig) -> str:

@@ -51,8 +51,8 @@ def test_csv_output_matches_model_predict_and_lists_broken_files(local_ray, expo
     assert summary["labelled"] is False and summary["accuracy"] is None
     assert summary["images_per_second"] > 0
     assert summary["provenance"]["pipeline"] == pipeline.__version__
-    # On a GPU node, the CPU model actors (gpus_per_actor 0) saw no GPU. Each actor records its
-    # facts with its first batch; Ray Data does not wait for the whole pool before it starts
+    # On a GPU node, the CPU model actors (gpus_per_actor 0) saw no GPU. Each actor writes its
+    # record with its first batch; Ray Data does not wait for the whole pool before it starts
     # (wait_for_min_actors_s is off), so on a few batches the second actor may never get one.
     assert 1 <= len(summary["actors"]) <= 2
     assert all(actor["cuda_visible_devices"] == "" and actor["gpus"] == [] for actor in summary["actors"])

@@ -1,4 +1,4 @@
-"""pipeline.infer.predictor: an actor's facts, reads tried again, and one image classified without Ray."""
+"""pipeline.infer.predictor: an actor's record, reads tried again, and one image classified without Ray."""
 
 import numpy as np
 import pytest
@@ -8,21 +8,21 @@ from pipeline import infer
 from infer_files import CLASS_NAMES, direct_predictions
 
 
-def test_an_actor_records_its_facts_only_with_a_batch(local_ray, exported_model, tmp_path):
+def test_an_actor_writes_its_record_only_with_a_batch(local_ray, exported_model, tmp_path):
     # An actor that finished loading after the run ended (Ray Data does not wait for a late one)
-    # wrote its facts into the staging folder that run_inference had just removed, and left a
-    # hidden ".predictions.csv.staging-*" behind (seen in CI). Its facts now go with its first
+    # wrote its record into the staging folder that run_inference had just removed, and left a
+    # hidden ".predictions.csv.staging-*" behind (seen in CI). Its record now goes with its first
     # batch, whose write ends before the batch's results reach the run.
     from pipeline.infer.predictor import Predictor
 
     folder, _ = exported_model
-    facts_dir = tmp_path / "staging" / "actors"
-    predictor = Predictor(model_path=folder, top_k=1, facts_dir=str(facts_dir))
+    records_dir = tmp_path / "staging" / "actors"
+    predictor = Predictor(model_path=folder, top_k=1, records_dir=str(records_dir))
     assert not (tmp_path / "staging").exists()
     images = np.zeros((2, 8, 8, 3), dtype=np.uint8)
     for _ in range(2):
         predictor({"path": np.array(["a.png", "b.png"]), "image": images})
-    assert [path.name.startswith("actor-") for path in facts_dir.iterdir()] == [True]
+    assert [path.name.startswith("actor-") for path in records_dir.iterdir()] == [True]
 
 
 def test_single_image_mode(exported_model, mixed_folder, capsys, monkeypatch):

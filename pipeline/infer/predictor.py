@@ -139,7 +139,7 @@ class Predictor:
     """Callable class for ``Dataset.map_batches``: loads the model once per actor, then maps
     {"path", "image" uint8 (N, H, W, 3)[, "label" int]} -> the prediction columns above."""
 
-    def __init__(self, model_path: str, top_k: int, gpus: float = 0.0, facts_dir: Optional[str] = None):
+    def __init__(self, model_path: str, top_k: int, gpus: float = 0.0, records_dir: Optional[str] = None):
         started = time.perf_counter()
         from pipeline import accelerators
         from pipeline.models.saving import inference_function, load_model
@@ -158,20 +158,20 @@ class Predictor:
         # actor is up and ends the run without waiting for a late one, whose write would then
         # recreate the staging folder after run_inference removed it. A batch's write is done
         # before its results are, so before the run can finish.
-        self.facts_dir, self.devices = facts_dir, devices
+        self.records_dir, self.devices = records_dir, devices
         # TensorFlow's import and the model's load: what every actor pays before its first batch.
         self.load_seconds = round(time.perf_counter() - started, 3)
 
-    def record_facts(self) -> None:
+    def write_record(self) -> None:
         from pipeline import accelerators
 
-        facts = {**accelerators.process_facts(self.devices), "model_load_seconds": self.load_seconds}
-        storage.write_json(storage.join(self.facts_dir, f"actor-{facts['node_id'][:12]}-{facts['pid']}.json"), facts)
-        self.facts_dir = None
+        record = {**accelerators.process_placement(self.devices), "model_load_seconds": self.load_seconds}
+        storage.write_json(storage.join(self.records_dir, f"actor-{record['node_id'][:12]}-{record['pid']}.json"), record)
+        self.records_dir = None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.facts_dir:
-            self.record_facts()
+        if self.records_dir:
+            self.write_record()
         images = batch["image"]
         expected = (self.image_size, self.image_size, 3)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:

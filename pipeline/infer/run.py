@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 import pipeline
-from pipeline import InputError, NotFound, PipelineError, capacity, storage
+from pipeline import InputError, PipelineError, capacity, storage
 from pipeline.config import Config, fingerprint
 from pipeline.infer.inputs import folders_not_in_classes, labels_from_folders, resolve_inputs
 from pipeline.infer.outputs import (OutputLayout, accuracy_report, check_complete, committed_paths, finish_predictions,
@@ -45,9 +45,9 @@ def _path_blocks(paths: list[str], labels: Optional[np.ndarray], batch_size: int
 
 
 def build_dataset(paths: list[str], labels: Optional[np.ndarray], model_dir: str, image_size: int,
-                  errors_dir: str, settings, facts_dir: Optional[str] = None):
+                  errors_dir: str, settings, records_dir: Optional[str] = None):
     """The lazy Ray Data pipeline: paths -> decode tasks -> model actor pool -> prediction rows.
-    Each model actor records where it ran and which devices it saw in ``facts_dir``."""
+    Each model actor records where it ran and which devices it saw in ``records_dir``."""
     import ray
 
     paths_dataset = ray.data.from_arrow(_path_blocks(paths, labels, settings.batch_size))
@@ -66,7 +66,7 @@ def build_dataset(paths: list[str], labels: Optional[np.ndarray], model_dir: str
     return decoded.map_batches(
         Predictor,
         fn_constructor_kwargs={"model_path": model_dir, "top_k": settings.top_k, "gpus": settings.gpus_per_actor,
-                               "facts_dir": facts_dir},
+                               "records_dir": records_dir},
         batch_size=settings.batch_size,
         compute=ray.data.ActorPoolStrategy(size=settings.num_actors),
         num_cpus=settings.cpus_per_actor,

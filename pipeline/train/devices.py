@@ -122,11 +122,11 @@ def jit_compile(requested, use_gpu: bool) -> bool:
     return bool(requested)
 
 
-def worker_facts(context, gpus, strategy, **decided) -> dict:
+def worker_record(context, gpus, strategy, **decided) -> dict:
     """What one worker ran on, for ``<run>/workers/rank-N.json`` (gathered into summary.json)."""
     return {
         "rank": context.get_world_rank(), "local_rank": context.get_local_rank(),
-        "node_rank": context.get_node_rank(), **accelerators.process_facts(gpus),
+        "node_rank": context.get_node_rank(), **accelerators.process_placement(gpus),
         "replicas": len(strategy.extended.worker_devices),
         "replicas_in_sync": strategy.num_replicas_in_sync,
         **decided,

@@ -104,7 +104,7 @@ def set_up_devices(config: Config, run_dir: str) -> Worker:
     keras.mixed_precision.set_global_policy(devices.PRECISION_POLICIES[precision])
     steps_per_execution = devices.steps_per_execution(config.train.steps_per_execution, scaling.use_gpu)
     jit_compile = devices.jit_compile(config.train.jit_compile, scaling.use_gpu)
-    storage.write_json(storage.join(run_dir, "workers", f"rank-{rank:03d}.json"), devices.worker_facts(
+    storage.write_json(storage.join(run_dir, "workers", f"rank-{rank:03d}.json"), devices.worker_record(
         context, gpus, strategy, precision=precision, collective=collective,
         steps_per_execution=steps_per_execution, jit_compile=jit_compile))
     return Worker(rank=rank, world_size=world_size, local_replicas=local_replicas, strategy=strategy,

@@ -1,4 +1,4 @@
-"""``run_training``: the driver side of training, from a config to a finished, summarised run.
+"""``run_training``: the driver side of training, from a config to a finished, summarized run.
 
 config -> preprocessed data (built first if missing) -> ``TensorflowTrainer`` with the worker loop
 -> checkpoints and history in ``<storage_path>/<run name>/`` -> export, summary.json and plots.
@@ -79,7 +79,7 @@ def _train(config: Config, manifest, callbacks, start_from, tracking_parent, tra
     trainer = make_trainer(config, run_dir, datasets, DatasetInfo.from_manifest(manifest, identity), callbacks,
                            start_from)
     result, wall_seconds = fit_checked(trainer, tracker, run_dir, name)
-    summary = summarise(config, manifest, run_dir, result, wall_seconds)
+    summary = summarize(config, manifest, run_dir, result, wall_seconds)
     tracked = tracking.finish_training(tracker, config, run_dir, summary)
     if tracked is not None:
         summary["tracking"] = tracked
@@ -266,7 +266,7 @@ def check_finite(history: list[dict], name: str, last_checkpoint: str | None = N
             f"train.learning_rate, lengthen train.warmup_epochs, or use train.precision=fp32")
 
 
-def summarise(config: Config, manifest, run_dir: str, result, wall_seconds: float) -> dict:
+def summarize(config: Config, manifest, run_dir: str, result, wall_seconds: float) -> dict:
     history = storage.read_json(storage.join(run_dir, "history.json"))
     evaluation = storage.read_json(storage.join(run_dir, "evaluation.json"))
     plots_dir = storage.join(run_dir, "plots")
