@@ -430,7 +430,21 @@ def from_dict(raw: dict) -> Config:
 
 
 def apply_override(config: Config, override: str) -> None:
-    """Apply one ``section.key=value`` override (value parsed as YAML)."""
+    """Apply one ``--set`` override; the one description of what an override may say:
+
+    ``section.key=value``
+        The value is read as YAML (``5``, ``0.1``, ``true``, ``[30, 60]``, ``{a: 1}``, ``null``;
+        nothing after ``=`` is the empty string, what YAML cannot read stays text), then checked as
+        a recipe's value is. A text key takes the text as written, so ``run.name=2024`` stays the
+        string "2024" (``null`` is still none).
+    ``section.key.entry=value``
+        Only for a mapping key (``tune.space``, ``scaling.custom_resources``): sets the one entry
+        named by everything after ``key.`` and keeps the others, e.g.
+        ``tune.space.train.momentum={choice: [0.9, 0.95]}``. On any other key the whole dotted
+        name is an unknown key, reported with the closest one.
+    ``scaling.num_workers=[min, max]``
+        Elastic training, kept as ``min_workers`` and ``num_workers`` (as in a recipe file).
+    """
     if "=" not in override:
         raise ConfigError(f"override '{override}' must look like section.key=value, e.g. train.epochs=5")
     dotted, text = override.split("=", 1)
