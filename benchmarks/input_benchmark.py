@@ -44,6 +44,8 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 
 FAST = ["train.global_batch_size=256", "train.random_crop_padding=4", "train.horizontal_flip=true",
         "train.cutout=8", "train.shuffle_buffer_size=10000"]
+# --augmentation photo: configs/folder224.yaml's (random resized crops of >= 25% of the area, flips).
+PHOTO = ["train.random_crop_padding=0", "train.cutout=0", "train.random_resized_crop=0.25"]
 
 
 # ----------------------------------------------------------------------------- one measurement
@@ -63,7 +65,7 @@ def measure(args) -> dict:
 
     tf.config.threading.set_intra_op_parallelism_threads(args.cpus)
     tf.config.threading.set_inter_op_parallelism_threads(args.cpus)
-    config = load_config(os.path.join(REPO, "configs/fast.yaml"), FAST)
+    config = load_config(os.path.join(REPO, "configs/fast.yaml"), FAST + (PHOTO if args.augmentation == "photo" else []))
     train = config.train
     manifest = open_manifest(args.data)
     rows, size, batch = manifest.rows("train"), manifest.image_size, train.global_batch_size
@@ -84,9 +86,8 @@ def measure(args) -> dict:
                 for step in range(steps):
                     yield augmentation(images[step], labels[step], rng) if in_numpy else (images[step], labels[step])
 
-            data = tf.data.Dataset.from_generator(generate, output_signature=(
-                tf.TensorSpec((None, size, size, 3), tf.uint8), tf.TensorSpec((None,), tf.int32)))
-            data = data.map(lambda x, y: (x, tf.one_hot(y, manifest.num_classes)))
+            data = inputs.batches_to_dataset(generate, image_size=size, num_classes=manifest.num_classes,
+                                             resized_crops=in_numpy and bool(augmentation.resized_crop))
             return inputs.prefetch(data if in_numpy else tf_augment(data, train, manifest.mean))
     else:
         runtime.connect(num_cpus=args.cpus + capacity.INGEST_CPUS)
@@ -206,10 +207,10 @@ def measure_scale(args) -> dict:
 
 # ----------------------------------------------------------------------------- driver
 
-def child(mode: str, pipeline_name: str, data: str, cpus: int, epochs: int) -> dict:
+def child(mode: str, pipeline_name: str, data: str, cpus: int, epochs: int, augmentation: str = "cifar") -> dict:
     with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
         command = [sys.executable, __file__, "--child", mode, "--pipeline", pipeline_name, "--data", data,
-                   "--cpus", str(cpus), "--epochs", str(epochs), "--out", out.name]
+                   "--cpus", str(cpus), "--epochs", str(epochs), "--augmentation", augmentation, "--out", out.name]
         print("$", " ".join(command), flush=True)
         result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
         if result.returncode:
@@ -227,6 +228,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--pipelines", nargs="+", default=["pipeline", "tf-augment", "in-memory", "in-memory-tf"])
     parser.add_argument("--scale", type=int, nargs="+", help="synthetic row counts (scale)")
+    parser.add_argument("--augmentation", choices=["cifar", "photo"], default="cifar",
+                        help="cifar: the fast recipe's padded crop, flip and cutout; photo: configs/folder224.yaml's "
+                             "random resized crops and flips")
     parser.add_argument("--json", default=os.path.join(REPO, "artifacts/benchmarks/input.json"))
     parser.add_argument("--child", choices=["speed", "scale"], help=argparse.SUPPRESS)
     parser.add_argument("--pipeline", help=argparse.SUPPRESS)
@@ -261,7 +265,9 @@ def main() -> None:
         from pipeline import runtime
 
         runtime.connect(num_cpus=2)
-        build = [f"data.source={args.source}", f"data.output={args.data}"]
+        # CIFAR's pictures are square, so crop and squash give the same pixels: squash at every size
+        # keeps builds made before data.resize existed current.
+        build = [f"data.source={args.source}", f"data.output={args.data}", "data.resize=squash"]
         if args.image_size:
             build.append(f"data.image_size={args.image_size}")
         if args.images_per_class:
@@ -272,7 +278,7 @@ def main() -> None:
         ray.shutdown()
         for cpus in args.cpus:
             for name in args.pipelines:
-                result = child("speed", name, args.data, cpus, args.epochs)
+                result = child("speed", name, args.data, cpus, args.epochs, args.augmentation)
                 results.append(result)
                 print(f"{cpus} CPU  {name:<12} epoch 1 {result['first_epoch_images_per_second']:>7,} images/s  "
                       f"steady {result['steady_images_per_second'] or 0:>7,} images/s  "

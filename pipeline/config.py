@@ -62,6 +62,11 @@ class DataConfig:
         5_000_000, "refuse an archive with more members than this (an archive bomb)", min=1)
     output: str = param("artifacts/data", "directory (local or s3://, gs://) for Parquet shards + manifest.json")
     image_size: int = param(32, "images are resized to image_size x image_size RGB (pixels)", min=8, max=1024)
+    resize: str = param(
+        "auto", "how a picture becomes image_size x image_size: 'squash' resizes the whole picture to a square "
+        "(the original tutorial's; a portrait photo is squeezed), 'crop' resizes its centred square (the shape "
+        "is kept, the long side's ends are cut), the same in training, evaluation, batch inference and serving; "
+        "auto: squash below 96 px (CIFAR), crop from 96 px up (photos)", choices=["auto", "squash", "crop"])
     val_fraction: float = param(0.1, "fraction of the training images held out for validation", min=0.0, max=0.9)
     split_method: str = param(
         "stratified", "'stratified': seeded random split with the same fraction per class; "
@@ -81,8 +86,9 @@ class DataConfig:
 class ModelConfig:
     name: str = param("resnet18", "variant from pipeline.models.VARIANTS (resnet18/34/50/101/152)")
     stem: str = param(
-        "cifar", "'cifar': 3x3 conv + stride-1 max-pool (the original, for 32x32 inputs); "
-        "'imagenet': 7x7/2 conv + 3x3/2 max-pool (for larger images)", choices=["cifar", "imagenet"])
+        "auto", "'cifar': 3x3 conv + stride-1 max-pool (the original, for 32x32 inputs); "
+        "'imagenet': 7x7/2 conv + 3x3/2 max-pool (for larger images); auto: cifar below 96 px, imagenet "
+        "from 96 px up", choices=["auto", "cifar", "imagenet"])
     width: int = param(64, "channels of the first stage; later stages double it (64 = standard ResNet)", min=1)
     use_bias: bool = param(True, "conv layers keep a bias, as the original (Keras default); redundant before BN")
     bn_momentum: float = param(
@@ -128,6 +134,10 @@ class TrainConfig:
     random_crop_padding: int = param(0, "augmentation: pad by this many pixels, then crop back (0 = off)", min=0)
     horizontal_flip: bool = param(False, "augmentation: random left-right flip")
     cutout: int = param(0, "augmentation: zero one random square of this side (pixels; 0 = off)", min=0)
+    random_resized_crop: float = param(
+        0.0, "augmentation for photos: each training image is a random crop of at least this fraction of the "
+        "stored image's area (aspect ratio 3/4 to 4/3), resized back to image_size (0 = off; 0.25 suits "
+        "224 px). Evaluation sees the stored image whole: with data.resize=crop, the centre crop", min=0.0, max=1.0)
     precision: str = param(
         "fp32", "fp32 | bf16 (mixed_bfloat16: CPUs with AMX/AVX-512 bf16, A100+ GPUs) | fp16 "
         "(mixed_float16 + loss scaling, older GPUs) | auto (decided once per run: the mixed precision "
@@ -624,15 +634,16 @@ def validate(config: Config) -> None:
         raise ConfigError("train.lr_schedule=step needs train.step_epochs, e.g. [30, 60]")
     if train.warmup_epochs >= train.epochs and train.lr_schedule != "constant":
         raise ConfigError(f"train.warmup_epochs={train.warmup_epochs} must be below train.epochs={train.epochs}")
-    from pipeline.models.registry import VARIANTS, minimum_image_size
+    from pipeline.models.registry import VARIANTS, minimum_image_size, resolved_stem
 
     if config.model.name not in VARIANTS:
         raise ConfigError(f"config key 'model.name' must be one of {list(VARIANTS)}, got {config.model.name!r}"
                           f"{did_you_mean(config.model.name, list(VARIANTS))}")
-    smallest = minimum_image_size(config.model)
+    smallest = minimum_image_size(config.model, config.data.image_size)
     if config.data.image_size < smallest:
         raise ConfigError(f"data.image_size={config.data.image_size} is too small for {config.model.name} with the "
-                          f"'{config.model.stem}' stem: it downsamples by {smallest}, so images need at least "
+                          f"'{resolved_stem(config.model.stem, config.data.image_size)}' stem: it downsamples by "
+                          f"{smallest}, so images need at least "
                           f"{smallest}x{smallest} pixels (raise data.image_size, or use model.stem=cifar)")
     if train.cutout >= config.data.image_size:
         raise ConfigError(f"train.cutout={train.cutout} must be smaller than data.image_size={config.data.image_size}")

@@ -49,7 +49,7 @@ class ImageClassifier:
     def __init__(self, model_path: str, top_k: int, gpus: float, max_batch_size: int, batch_wait_timeout_s: float,
                  max_request_bytes: int):
         from pipeline import accelerators
-        from pipeline.models.saving import inference_function, load_model
+        from pipeline.models.saving import inference_function, input_resize, load_model
 
         # As in the batch-inference actors: a replica that asked for no GPU sees none.
         accelerators.hide_unrequested_gpus(gpus)
@@ -59,6 +59,7 @@ class ImageClassifier:
         self.model_path = model_path
         self.class_names = [str(name) for name in self.metadata["class_names"]]
         self.image_size = int(self.metadata["image_size"])
+        self.resize = input_resize(self.metadata)
         self.top_k = min(int(top_k), len(self.class_names))
         self.max_request_bytes = max_request_bytes
         self.classify.set_max_batch_size(max_batch_size)
@@ -77,7 +78,7 @@ class ImageClassifier:
         from pipeline.data.images import decode_image
         from pipeline.infer.predictor import prediction_records
 
-        pixels = await asyncio.to_thread(decode_image, data, self.image_size)
+        pixels = await asyncio.to_thread(decode_image, data, self.image_size, resize=self.resize)
         probabilities = await self.classify(pixels)
         record = prediction_records([name], probabilities[None], self.class_names, self.top_k)[0]
         del record["path"]
@@ -132,7 +133,7 @@ class ImageClassifier:
 
         config = self.metadata.get("config") or {}
         return {"model": self.model_path, "kind": self.metadata.get("kind"), "architecture": self.metadata.get("model"),
-                "classes": self.class_names, "image_size": self.image_size, "top_k": self.top_k,
+                "classes": self.class_names, "image_size": self.image_size, "resize": self.resize, "top_k": self.top_k,
                 "run": {"name": (config.get("run") or {}).get("name") or config.get("recipe"),
                         "storage_path": (config.get("run") or {}).get("storage_path"),
                         "created": self.metadata.get("created"), "evaluation": self.metadata.get("evaluation")},

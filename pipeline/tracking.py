@@ -287,7 +287,8 @@ def register_export(tracker: Tracker, config: Config, export: str) -> Optional[s
                 info = mlflow.pyfunc.log_model(
                     name="model", python_model=ExportedClassifier(), artifacts={"export": local_export},
                     signature=signature, registered_model_name=config.tracking.registered_model,
-                    metadata={"class_names": classes, "image_size": size, "input": metadata.get("input"),
+                    metadata={"class_names": classes, "image_size": size, "resize": metadata.get("resize", "squash"),
+                              "input": metadata.get("input"),
                               "output": metadata.get("output")},
                     pip_requirements=["tensorflow", "tf-keras", "ray-image-pipeline"])
         version["number"] = str(info.registered_model_version)

@@ -3,7 +3,7 @@ import pytest
 from pipeline.config import (Config, ConfigError, batch_sizes, fingerprint, load_config, scaled_learning_rate,
                              to_dict, from_dict)
 
-RECIPES = ["configs/seed.yaml", "configs/fast.yaml", "configs/smoke.yaml"]
+RECIPES = ["configs/seed.yaml", "configs/fast.yaml", "configs/smoke.yaml", "configs/folder224.yaml"]
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -137,3 +137,15 @@ def test_elastic_worker_counts_keep_the_global_batch():
             (["scaling.num_workers=[1, 2, 3]"], "a number of workers or \\[min, max\\]")):
         with pytest.raises(ConfigError, match=message):
             load_config(None, overrides)
+
+
+def test_auto_stem_is_the_imagenet_one_for_photos_and_the_size_check_uses_it():
+    from pipeline.models.registry import minimum_image_size, resolved_stem
+
+    assert [resolved_stem("auto", size) for size in (32, 95, 96, 224)] == ["cifar", "cifar", "imagenet", "imagenet"]
+    assert resolved_stem("cifar", 224) == "cifar"
+    model = load_config("configs/smoke.yaml").model
+    assert model.stem == "auto" and minimum_image_size(model, 32) == 8 and minimum_image_size(model, 224) == 32
+    with pytest.raises(ConfigError, match="too small for resnet18 with the 'imagenet' stem"):
+        load_config("configs/folder224.yaml", ["data.image_size=16"])
+    load_config("configs/smoke.yaml", ["data.image_size=16"])  # auto: the cifar stem fits 16 px

@@ -92,3 +92,65 @@ def test_large_images_of_other_formats_are_box_reduced_before_the_resize():
     full = decode_image(buffer.getvalue(), 32, reduce=False).astype(int)
     reduced = decode_image(buffer.getvalue(), 32).astype(int)
     assert np.abs(reduced - full).mean() <= 2
+
+
+def portrait() -> np.ndarray:
+    """60 wide, 90 high: a blue band across the top 15 rows, a yellow one across the bottom 15, a
+    grey middle square (rows 15-75) with a red top-left quarter."""
+    pixels = np.full((90, 60, 3), 128, np.uint8)
+    pixels[:15], pixels[75:] = (0, 0, 255), (255, 255, 0)
+    pixels[15:45, :30] = (255, 0, 0)
+    return pixels
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_crop_keeps_the_pictures_shape_and_squash_squeezes_it():
+    data = png(portrait())
+    cropped = decode_image(data, 30, resize="crop")
+    # The centred square (rows 15-75) resized: the same pixels as resizing that square by hand.
+    by_hand = np.asarray(Image.fromarray(portrait()[15:75]).resize((30, 30), Image.Resampling.BICUBIC))
+    np.testing.assert_array_equal(cropped, by_hand)
+    assert not ((cropped == (0, 0, 255)).all(-1)).any()  # the bands at the ends are cut
+    squashed = decode_image(data, 30, resize="squash")
+    assert (squashed[0] == (0, 0, 255)).all()  # the whole picture, squeezed: the top band is there
+    square = png(portrait()[15:75])
+    np.testing.assert_array_equal(decode_image(square, 30, resize="crop"), decode_image(square, 30, resize="squash"))
+
+
+@pytest.mark.parametrize("image_size, resize", [(31, "squash"), (32, "squash"), (95, "squash"), (96, "crop"),
+                                                (224, "crop")])
+def test_auto_resize_crops_photos_and_squashes_thumbnails(image_size, resize):
+    from pipeline.data.images import resolved_resize
+
+    assert resolved_resize("auto", image_size) == resize
+    assert resolved_resize("squash", 224) == "squash" and resolved_resize("crop", 32) == "crop"
+
+
+def test_a_12_megapixel_jpeg_is_cropped_alike_with_and_without_the_reduction():
+    photo = twelve_megapixel_photo()  # landscape 4:3, stored on its side
+    data = jpeg(photo.transpose(STORED[6]), orientation=6)
+    full = decode_image(data, 224, resize="crop", reduce=False).astype(int)
+    reduced = decode_image(data, 224, resize="crop").astype(int)
+    assert reduced.shape == full.shape == (224, 224, 3)
+    difference = np.abs(reduced - full)
+    assert difference.mean() <= 2 and np.percentile(difference, 99) <= 12, (difference.mean(), difference.max())
+    # Upright, the crop is the middle 3024 of the 4032 columns: the red corner (1008 x 756) keeps
+    # 504 of its columns, 37 of 224 (squashed: 56), and all its 56 rows.
+    red = (np.abs(reduced - [255, 0, 0]).sum(-1) < 60)
+    assert red[10, :35].all() and not red[10, 40:].any() and red[50, 10] and not red[60, 10]
+    squashed = np.abs(decode_image(data, 224, resize="squash").astype(int) - [255, 0, 0]).sum(-1) < 60
+    assert squashed[10, :53].all()
+
+
+def test_large_images_of_other_formats_keep_their_shape_when_box_reduced_for_a_crop():
+    photo = twelve_megapixel_photo().resize((1600, 1000))
+    buffer = io.BytesIO()
+    photo.save(buffer, format="PNG")
+    full = decode_image(buffer.getvalue(), 32, resize="crop", reduce=False).astype(int)
+    reduced = decode_image(buffer.getvalue(), 32, resize="crop").astype(int)
+    assert np.abs(reduced - full).mean() <= 2

@@ -206,3 +206,15 @@ def test_a_writer_task_needs_about_one_shard_of_memory_whatever_the_image_size()
         # Beyond the batch itself: Parquet's buffers for a few row groups, not copies of the shard.
         assert measured["writer_extra_peak_mib"] < 200, measured
     assert measured["rows_per_shard"] == 256 * 2**20 // (224 * 224 * 3)
+
+
+def test_resize_is_in_the_fingerprint_only_where_it_crops():
+    from pipeline.config import DataConfig
+
+    def fingerprint(**data):
+        return preprocess.data_config_fingerprint(DataConfig(source="/images", **data))
+
+    # A 32-px build made before data.resize existed squashed: auto and squash find it current.
+    assert fingerprint(resize="auto") == fingerprint(resize="squash") != fingerprint(resize="crop")
+    assert fingerprint(image_size=224, resize="auto") == fingerprint(image_size=224, resize="crop")
+    assert fingerprint(image_size=224, resize="auto") != fingerprint(image_size=224, resize="squash")

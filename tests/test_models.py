@@ -35,7 +35,7 @@ def random_pixels(count: int, image_size: int, seed: int = 0) -> np.ndarray:
 def test_every_variant_predicts_float32_probabilities(name, stem, policy):
     config = ModelConfig(name=name, stem=stem, width=8, use_bias=False, normalization="standardize")
     image_size = 32
-    assert image_size >= minimum_image_size(config)
+    assert image_size >= minimum_image_size(config, image_size)
     keras.mixed_precision.set_global_policy(policy)
 
     model = build_model(config, num_classes=10, image_size=image_size, mean=CIFAR10_MEAN, std=CIFAR10_STD)

@@ -171,3 +171,48 @@ def test_the_train_dataset_is_augmented_with_the_epochs_seed():
     assert 20 < mirrored < 80
     assert all(np.array_equal(a[0], b[0]) for a, b in zip(flipped, epoch(1, flip)))  # seeded
     assert not all(np.array_equal(a[0], b[0]) for a, b in zip(flipped, epoch(2, flip)))
+
+
+def test_resized_crop_boxes_cover_the_asked_share_of_the_image_at_a_bounded_aspect():
+    boxes = inputs.resized_crop_boxes(2000, 0.25, np.random.default_rng(0))
+    assert boxes.dtype == np.float32 and boxes.shape == (2000, 4)
+    top, left, bottom, right = boxes.T
+    assert (top >= 0).all() and (left >= 0).all() and (bottom <= 1 + 1e-6).all() and (right <= 1 + 1e-6).all()
+    height, width = bottom - top, right - left
+    area, ratio = height * width, width / height
+    assert area.min() >= 0.25 * 0.75 - 1e-6 and area.max() <= 1 + 1e-6  # clipped sides only shrink the area
+    assert ratio.min() >= 3 / 4 - 1e-4 and ratio.max() <= 4 / 3 + 1e-4
+    assert area.min() < 0.3 and area.max() > 0.95 and np.median(area) > 0.5  # the whole range is drawn
+    assert left.max() > 0.5 and top.max() > 0.5  # anywhere in the picture
+    np.testing.assert_array_equal(boxes, inputs.resized_crop_boxes(2000, 0.25, np.random.default_rng(0)))
+
+
+def test_resize_crops_gives_the_box_back_at_full_size():
+    images = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    whole = inputs.resize_crops(images, np.array([[0, 0, 1, 1]] * 2, np.float32), 16).numpy()
+    assert whole.dtype == np.uint8
+    np.testing.assert_array_equal(whole, images)  # the whole image is the image
+    # The top-left quarter (pixels 0-7 of 16, box edges at pixel centres 0 and 7): each source
+    # pixel at every other output pixel.
+    quarter = inputs.resize_crops(images, np.array([[0, 0, 7 / 15, 7 / 15]] * 2, np.float32), 15).numpy()
+    np.testing.assert_array_equal(quarter[:, ::2, ::2], images[:, :8, :8])
+
+
+def test_the_train_dataset_is_random_resized_crops_of_its_images():
+    shard = FakeShard([50, 50])
+    augment = augmentation(random_resized_crop=0.25)
+    dataset = inputs.shard_to_dataset(shard, image_size=2, num_classes=256, batch_size=25, steps=4,
+                                      shuffle_seed=1, augmentation=augment)
+    batches = [(images.numpy(), labels.numpy()) for images, labels in dataset]
+    plain = [(images.numpy(), labels.numpy()) for images, labels in inputs.shard_to_dataset(
+        shard, image_size=2, num_classes=256, batch_size=25, steps=4, shuffle_seed=1)]
+    assert [images.shape for images, _ in batches] == [(25, 2, 2, 3)] * 4
+    assert all(images.dtype == np.uint8 for images, _ in batches)
+    for (images, labels), (original, original_labels) in zip(batches, plain):
+        np.testing.assert_array_equal(labels, original_labels)
+        # A crop's pixels lie between the image's own (bilinear); most crops are not the whole image.
+        assert (images.min(axis=(1, 2)) >= original.min(axis=(1, 2))).all()
+        assert (images.max(axis=(1, 2)) <= original.max(axis=(1, 2))).all()
+        assert sum(not np.array_equal(a, b) for a, b in zip(images, original)) > 15
+    assert inputs.Augmentation.from_config(TrainConfig(random_crop_padding=0, horizontal_flip=False, cutout=0,
+                                                       random_resized_crop=0.5), [0, 0, 0]).resized_crop == 0.5

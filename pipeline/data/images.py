@@ -41,13 +41,33 @@ def is_image_path(path: str) -> bool:
     return str(path).lower().endswith(IMAGE_EXTENSIONS)
 
 
-def decode_image(data: bytes, image_size: int, *, reduce: bool = True) -> np.ndarray:
+RESIZE_MODES = ("squash", "crop")
+# From this size up an image is a photo, not a thumbnail: ``data.resize: auto`` crops instead of
+# squashing and ``model.stem: auto`` picks the ImageNet stem (pipeline.models.registry).
+PHOTO_SIZE = 96
+
+
+def resolved_resize(resize: str, image_size: int) -> str:
+    """``data.resize`` with ``auto`` decided by the image size: squash below PHOTO_SIZE (the
+    original tutorial's resize of 32-px CIFAR images), crop from there up (a photo keeps its shape)."""
+    if resize == "auto":
+        return "crop" if image_size >= PHOTO_SIZE else "squash"
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES} or auto, got {resize!r}")
+    return resize
+
+
+def decode_image(data: bytes, image_size: int, *, resize: str = "squash", reduce: bool = True) -> np.ndarray:
     """Bytes of any PIL-readable image -> uint8 array (image_size, image_size, 3), RGB.
 
     The picture is turned upright first, as its EXIF orientation says (phones and cameras store
-    the sensor's pixels and record the turn). Any mode becomes RGB: palette and grayscale are expanded, alpha is composited on black
-    (what a dropped alpha channel shows), CMYK converted, 16-bit scaled to 8-bit. The resize is
-    a plain bicubic resize to a square, as the original tutorial's ``img.resize((32, 32))``.
+    the sensor's pixels and record the turn). Any mode becomes RGB: palette and grayscale are
+    expanded, alpha is composited on black (what a dropped alpha channel shows), CMYK converted,
+    16-bit scaled to 8-bit. ``resize="squash"``: a plain bicubic resize to a square, as the
+    original tutorial's ``img.resize((32, 32))`` (a portrait photo is squeezed). ``resize="crop"``:
+    the centred square of side the shorter side, resized (bicubic) to the target: the shape is
+    kept and the long side's ends are cut, as evaluation does for ImageNet-style recipes. A
+    square picture gives the same pixels either way.
 
     A picture much larger than the target is first reduced: a JPEG while it is decoded, to no less
     than twice the target on each side (draft mode: the decoder scales by 1/2, 1/4 or 1/8 in the
@@ -73,14 +93,23 @@ def decode_image(data: bytes, image_size: int, *, reduce: bool = True) -> np.nda
         # PIL names the in-memory buffer ("<_io.BytesIO object at 0x...>"): noise in a report.
         reason = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(error)) or type(error).__name__
         raise UnreadableImage(f"cannot decode image: {reason}") from None
+    crop = resolved_resize(resize, image_size) == "crop"
     if reduce and not drafted:
         # Box averaging is a coarser filter than the DCT scaling: it stops at four times the target,
         # where the bicubic resize's own smoothing takes over (see BENCHMARKS.md, "Photos: decoding
         # at the size needed").
         factors = tuple(max(1, side // (4 * image_size)) for side in rgb.size)
+        if crop:  # one factor for both sides, or the crop would see a reshaped picture
+            factors = (min(factors),) * 2
         if factors != (1, 1):
             rgb = rgb.reduce(factors)
-    if rgb.size != (image_size, image_size):
+    width, height = rgb.size
+    if crop and width != height:
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        # Cut, then resize: the filter never reaches into the cut ends (resize's box= would).
+        rgb = rgb.crop((left, top, left + side, top + side)).resize((image_size, image_size), Image.Resampling.BICUBIC)
+    elif rgb.size != (image_size, image_size):
         rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
     return np.asarray(rgb, dtype=np.uint8)
 

@@ -32,7 +32,7 @@ import numpy as np
 import pipeline
 from pipeline import InputError, storage
 from pipeline.config import saved_dict, to_yaml
-from pipeline.data.images import DECODE_VERSION
+from pipeline.data.images import DECODE_VERSION, resolved_resize
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
@@ -52,6 +52,7 @@ class Manifest:
         self.class_names: list[str] = list(raw["class_names"])
         self.num_classes = len(self.class_names)
         self.image_size: int = int(raw["image_size"])
+        self.resize: str = raw.get("resize", "squash")  # data.resize, resolved; builds without it squashed
         # Per-channel statistics of the train split, in 0-255 pixel units.
         self.mean: list[float] = [float(v) for v in raw["normalization"]["mean"]]
         self.std: list[float] = [float(v) for v in raw["normalization"]["std"]]
@@ -139,6 +140,7 @@ class DatasetInfo:
 
     class_names: list[str]
     image_size: int
+    resize: str  # how a picture became image_size x image_size: squash or crop (data.resize)
     mean: list[float]  # per channel, 0-255 pixel units, of the train split
     std: list[float]
     rows: dict[str, int]  # per split that was built: train, and val and test where present
@@ -147,7 +149,7 @@ class DatasetInfo:
     @classmethod
     def from_manifest(cls, manifest: Manifest, identity: dict) -> DatasetInfo:
         rows = {split: manifest.rows(split) for split in ("train", "val", "test") if manifest.has_split(split)}
-        return cls(class_names=manifest.class_names, image_size=manifest.image_size, mean=manifest.mean,
+        return cls(class_names=manifest.class_names, image_size=manifest.image_size, resize=manifest.resize, mean=manifest.mean,
                    std=manifest.std, rows=rows, identity=identity)
 
     @classmethod
@@ -183,6 +185,7 @@ def write_manifest(output: str, config, source, *, config_fingerprint: str, buil
         "data_config": saved_dict(config)["data"],
         "class_names": source.class_names,
         "image_size": data.image_size,
+        "resize": resolved_resize(data.resize, data.image_size),
         "channels": 3,
         "pixel_format": PIXEL_FORMAT,
         "normalization": {"mean": [round(float(v), 6) for v in mean], "std": [round(float(v), 6) for v in std],

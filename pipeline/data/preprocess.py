@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from pipeline import InputError, storage
 from pipeline.config import Config, DataConfig, fingerprint
 from pipeline.data.cifar import cifar_pixels
-from pipeline.data.images import DECODE_CHANGES, DECODE_VERSION, UnreadableImage, decode_image
+from pipeline.data.images import DECODE_CHANGES, DECODE_VERSION, UnreadableImage, decode_image, resolved_resize
 from pipeline.data.manifest import (MANIFEST_NAME, SCHEMA_VERSION, Manifest, arrow_pixels, collect_garbage, lease,
                                     shard_relative_path, write_manifest)
 from pipeline.data.sources import Item, Source, SourceError, resolve_source
@@ -166,6 +166,9 @@ def data_config_fingerprint(data: DataConfig) -> str:
     identity = data.source if data.source == "cifar10" else storage.absolute(data.source)
     values = {"schema_version": SCHEMA_VERSION, "source": identity}
     values.update({key: getattr(data, key) for key in SHARD_AFFECTING_KEYS})
+    resize = resolved_resize(data.resize, data.image_size)
+    if resize != "squash":  # builds from before data.resize existed squashed: their fingerprint stands
+        values["resize"] = resize
     return fingerprint(values)
 
 
@@ -191,6 +194,9 @@ def why_stale_for_config(existing: dict, data: DataConfig) -> Optional[str]:
         before = existing.get("data_config") or {}
         changed = [f"{key} {before.get(key)!r} -> {getattr(data, key)!r}"
                    for key in ("source",) + SHARD_AFFECTING_KEYS if before.get(key) != getattr(data, key)]
+        resize = resolved_resize(data.resize, data.image_size)
+        if existing.get("resize", "squash") != resize:
+            changed.append(f"resize {existing.get('resize', 'squash')!r} -> {resize!r}")
         return "changed data." + ", data.".join(changed) if changed else "the data config changed"
     output = storage.absolute(data.output)
     for split in existing.get("splits", {}).values():
@@ -268,7 +274,7 @@ def split_train_val(items: list[Item], val_fraction: float, method: str, seed: i
 
 # ---------------------------------------------------------------- Ray Data: decode
 
-def decode_images(batch: dict[str, np.ndarray], image_size: int) -> pa.Table:
+def decode_images(batch: dict[str, np.ndarray], image_size: int, resize: str) -> pa.Table:
     """Items -> raw pixels. A file that cannot be read or decoded becomes a row with an ``error``
     reason (and empty image) instead of failing the dataset; the writer skips and reports it."""
     images, errors = [], []
@@ -278,7 +284,7 @@ def decode_images(batch: dict[str, np.ndarray], image_size: int) -> pa.Table:
                 pixels = cifar_pixels(path, int(row), image_size)
             else:
                 with open(path, "rb") as handle:
-                    pixels = decode_image(handle.read(), image_size)
+                    pixels = decode_image(handle.read(), image_size, resize=resize)
             images.append(np.ascontiguousarray(pixels).tobytes())
             errors.append("")
         except (UnreadableImage, OSError) as error:
@@ -447,7 +453,7 @@ def _write_split(split: str, items: list[Item], source: Source, data: DataConfig
     dataset.context.op_resource_reservation_enabled = False
     on_this_node = _on_this_node()
     dataset = dataset.map_batches(
-        decode_images, batch_size=None, batch_format="numpy", fn_kwargs={"image_size": data.image_size},
+        decode_images, batch_size=None, batch_format="numpy", fn_kwargs={"image_size": data.image_size, "resize": resolved_resize(data.resize, data.image_size)},
         compute=ray.data.TaskPoolStrategy(size=min(len(blocks), 2 * _this_node_cpus())), **on_this_node)
     dataset = dataset.map_batches(
         write_shards, batch_size=rows_per_shard, batch_format="pyarrow",

@@ -89,9 +89,10 @@ def _read_file(path: str) -> bytes:
         return stream.read()
 
 
-def decode_batch(batch: dict[str, np.ndarray], *, image_size: int, errors_dir: str
+def decode_batch(batch: dict[str, np.ndarray], *, image_size: int, resize: str, errors_dir: str
                  ) -> Iterator[dict[str, np.ndarray]]:
-    """Paths -> decoded images (uint8, image_size x image_size RGB) for the files that decode.
+    """Paths -> decoded images (uint8, image_size x image_size RGB, resized as the model's training
+    pictures were: ``resize``) for the files that decode.
 
     Every other file is written with its reason to a Parquet part in ``errors_dir`` (any column
     besides ``path``, e.g. the true class, travels with the good rows). Nothing is yielded for a
@@ -106,7 +107,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, image_size: int, errors_dir: s
             errors.append((path, f"cannot read file: {error}"))
             continue
         try:
-            images.append(decode_image(data, image_size))
+            images.append(decode_image(data, image_size, resize=resize))
         except UnreadableImage as error:
             errors.append((path, str(error)))
             continue
@@ -217,13 +218,14 @@ def prediction_columns(paths, probabilities: np.ndarray, class_names: np.ndarray
 def predict_image(model_path: str, image_path: str, top_k: int = 5) -> dict:
     """Classify one image without Ray, as the original tutorial did (but with the exact training
     preprocessing): the class of the arg-max, its confidence and the top-k."""
-    from pipeline.models.saving import inference_function, load_model
+    from pipeline.models.saving import inference_function, input_resize, load_model
 
     if not storage.exists(image_path):
         raise NotFound(f"image not found: {image_path}")
     _, metadata = read_model_metadata(model_path)
     try:
-        pixels = decode_image(storage.read_bytes(image_path), int(metadata["image_size"]))
+        pixels = decode_image(storage.read_bytes(image_path), int(metadata["image_size"]),
+                              resize=input_resize(metadata))
     except UnreadableImage as error:
         raise UnreadableImage(f"{image_path}: {error}") from None
     model, metadata = load_model(model_path)

@@ -21,6 +21,7 @@ from pipeline.infer.inputs import folders_not_in_classes, labels_from_folders, r
 from pipeline.infer.outputs import (OutputLayout, accuracy_report, check_complete, committed_paths, finish_predictions,
                                     other_stagings, output_layout, read_staged_errors, write_table)
 from pipeline.infer.predictor import Predictor, decode_batch, prediction_schema, read_model_metadata
+from pipeline.models.saving import input_resize
 
 # The driver puts the path list into the object store as at most this many blocks: enough for
 # every decode task to get its own block, few enough that millions of paths stay cheap to track.
@@ -45,7 +46,7 @@ def _path_blocks(paths: list[str], labels: Optional[np.ndarray], batch_size: int
 
 
 def build_dataset(paths: list[str], labels: Optional[np.ndarray], model_dir: str, image_size: int,
-                  errors_dir: str, settings, records_dir: Optional[str] = None):
+                  errors_dir: str, settings, records_dir: Optional[str] = None, resize: str = "squash"):
     """The lazy Ray Data pipeline: paths -> decode tasks -> model actor pool -> prediction rows.
     Each model actor records where it ran and which devices it saw in ``records_dir``."""
     import ray
@@ -54,7 +55,7 @@ def build_dataset(paths: list[str], labels: Optional[np.ndarray], model_dir: str
     decoded = paths_dataset.map_batches(
         decode_batch,
         batch_size=settings.batch_size,
-        fn_kwargs={"image_size": image_size, "errors_dir": errors_dir},
+        fn_kwargs={"image_size": image_size, "resize": resize, "errors_dir": errors_dir},
         num_cpus=1,
         # Reserving memory (a scheduling hint) also keeps decoding in its own parallel tasks: Ray
         # Data fuses a task map into the next actor map when their resource requests are equal,
@@ -88,6 +89,7 @@ class InferencePlan:
     model_dir: str
     class_names: list[str]
     image_size: int
+    resize: str  # how the model's training pictures became squares: its inputs are decoded alike
     layout: OutputLayout
     paths: Optional[list[str]]
     labels: Optional[np.ndarray]
@@ -132,7 +134,8 @@ def plan_inference(config: Config) -> InferencePlan:
         log.warning(f"the input's class folders {', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''} are "
                     f"not classes of this model ({', '.join(class_names[:10])}{', ...' if len(class_names) > 10 else ''}"
                     f"): every file is classified, but no accuracy can be reported")
-    return InferencePlan(model_dir, class_names, image_size, layout, paths, labels, labelled, stage_seconds,
+    return InferencePlan(model_dir, class_names, image_size, input_resize(metadata), layout, paths, labels,
+                         labelled, stage_seconds,
                          started=started, checked=time.perf_counter())
 
 
@@ -171,7 +174,8 @@ def run_inference(config: Config, plan: Optional[InferencePlan] = None) -> dict:
                  f"actor(s) x {settings.cpus_per_actor:g} CPU / {settings.gpus_per_actor:g} GPU")
         clock = time.perf_counter()
         if paths:
-            predictions = build_dataset(paths, labels, model_dir, image_size, staged_errors, settings, staged_actors)
+            predictions = build_dataset(paths, labels, model_dir, image_size, staged_errors, settings, staged_actors,
+                                        resize=plan.resize)
             del paths, labels  # the object store holds the path blocks now; the driver needs neither list
             # A part per batch or so: what a stop leaves committed, and the next run keeps.
             predictions.write_parquet(staged_predictions, min_rows_per_file=settings.batch_size)

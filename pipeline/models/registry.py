@@ -50,15 +50,28 @@ def get_variant(name: str) -> ResNetVariant:
     raise ValueError(f"unknown model '{name}'{did_you_mean(name, list(VARIANTS))} (valid names: {', '.join(VARIANTS)})")
 
 
-def minimum_image_size(config) -> int:
-    """Smallest input side (pixels) whose last stage still sees at least one real pixel.
+# ``model.stem: auto`` takes the ImageNet stem from this input size up (data.images.PHOTO_SIZE):
+# at 96 px and above the CIFAR stem's full-resolution first stage costs 9x or more the arithmetic.
+IMAGENET_STEM_FROM = 96
+
+
+def resolved_stem(stem: str, image_size: int) -> str:
+    """``model.stem`` with ``auto`` decided by the input size: cifar below IMAGENET_STEM_FROM, imagenet from it up."""
+    if stem == "auto":
+        return "imagenet" if image_size >= IMAGENET_STEM_FROM else "cifar"
+    return stem
+
+
+def minimum_image_size(config, image_size: int) -> int:
+    """Smallest input side (pixels) whose last stage still sees at least one real pixel, for the
+    stem ``config`` resolves to at ``image_size``.
 
     With "same" padding a too-small image would not crash; the later stages would simply
     convolve padding, so the model would train on nothing. We refuse such sizes instead:
     the stem and every stage after the first halve the resolution once.
     """
     variant = get_variant(config.name)
-    return STEM_STRIDES[config.stem] * 2 ** (len(variant.blocks_per_stage) - 1)
+    return STEM_STRIDES[resolved_stem(config.stem, image_size)] * 2 ** (len(variant.blocks_per_stage) - 1)
 
 
 def create_model(config, *, num_classes: int, image_size: int, mean=None, std=None):

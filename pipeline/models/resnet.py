@@ -25,7 +25,7 @@ import pipeline  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is im
 import tf_keras as keras
 
 from pipeline.config import ModelConfig
-from pipeline.models.registry import STEM_STRIDES, get_variant, minimum_image_size
+from pipeline.models.registry import STEM_STRIDES, get_variant, minimum_image_size, resolved_stem
 
 # A bottleneck block's last 1x1 conv widens its output to 4x the block's inner channels
 # (He et al. 2016, Table 1): stage 1 of ResNet-50 has 64 inner and 256 output channels.
@@ -48,18 +48,19 @@ def build_model(
     original) does not use them. The output is float32 under every mixed-precision policy.
     """
     variant = get_variant(config.name)
-    if config.stem not in STEM_STRIDES:
-        raise ValueError(f"stem must be one of {list(STEM_STRIDES)}, got {config.stem!r}")
+    if config.stem != "auto" and config.stem not in STEM_STRIDES:
+        raise ValueError(f"stem must be one of {list(STEM_STRIDES)} or auto, got {config.stem!r}")
     if not _is_integer(num_classes) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     if not _is_integer(config.width) or config.width < 1:
         raise ValueError(f"width must be a positive integer, got {config.width!r}")
     if not _is_integer(image_size):
         raise ValueError(f"image_size must be an integer number of pixels, got {image_size!r}")
-    smallest = minimum_image_size(config)
+    stem = resolved_stem(config.stem, image_size)
+    smallest = minimum_image_size(config, image_size)
     if image_size < smallest:
         raise ValueError(
-            f"image_size={image_size!r} is too small for {config.name} with the '{config.stem}' stem: "
+            f"image_size={image_size!r} is too small for {config.name} with the '{stem}' stem: "
             f"it downsamples by {smallest}, so images need at least {smallest}x{smallest} pixels")
 
     # The input stays float32 whatever the global policy: pixels are 0-255 and the normalisation
@@ -70,7 +71,7 @@ def build_model(
     # Keras' BN momentum 0.99 (the original) needs hundreds of steps before the moving statistics
     # used at evaluation match the weights; short schedules use 0.9 (PyTorch's default).
     batch_norm = functools.partial(keras.layers.BatchNormalization, momentum=config.bn_momentum)
-    x = _stem(x, config, batch_norm)
+    x = _stem(x, stem, config, batch_norm)
 
     for stage_index, block_count in enumerate(variant.blocks_per_stage):
         channels = config.width * 2 ** stage_index
@@ -143,8 +144,8 @@ def _normalization_layer(normalization: str, mean, std) -> keras.layers.Layer:
         dtype="float32", name="standardize")
 
 
-def _stem(x, config: ModelConfig, batch_norm):
-    if config.stem == "cifar":
+def _stem(x, stem: str, config: ModelConfig, batch_norm):
+    if stem == "cifar":
         # The original: keeps the 32x32 resolution (a stride-1 pool only smooths).
         kernel_size, conv_strides, pool_size, pool_strides = 3, 1, 2, 1
     else:

@@ -36,13 +36,16 @@ OUTPUT_SPEC = "float32 (batch, num_classes) class probabilities (softmax)"
 
 
 def model_metadata(*, kind: str, class_names, image_size: int, config: dict, mean=None, std=None,
-                   **extra) -> dict:
+                   resize: str = "squash", **extra) -> dict:
+    """``resize``: how the training pictures became image_size squares (data.resize, resolved);
+    every path that classifies with the model decodes alike (``input_resize``)."""
     return {
         "format_version": FORMAT_VERSION,
         "kind": kind,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "class_names": list(class_names),
         "image_size": int(image_size),
+        "resize": resize,
         "input": INPUT_SPEC,
         "output": OUTPUT_SPEC,
         "normalization": {"mean": mean, "std": std},
@@ -67,6 +70,12 @@ def save_export(model, metadata: dict, target: str) -> str:
         storage.upload_dir(local, target)
     storage.write_json(storage.join(target, "metadata.json"), {**metadata, "kind": "export"})
     return target
+
+
+def input_resize(metadata: dict) -> str:
+    """The ``decode_image`` resize a model's pictures get: the one its training data had. Models
+    from before ``data.resize`` existed were trained on squashed pictures."""
+    return metadata.get("resize", "squash")
 
 
 def inference_function(model, metadata: dict):

@@ -89,13 +89,26 @@ def shard_to_dataset(shard, *, image_size: int, num_classes: int, batch_size: in
         if held is not None:
             yield held
 
-    dataset = tf.data.Dataset.from_generator(generate, output_signature=(
-        tf.TensorSpec((None, image_size, image_size, 3), tf.uint8), tf.TensorSpec((None,), tf.int32)))
-    dataset = dataset.map(lambda images, labels: (images, tf.one_hot(labels, num_classes)))
+    dataset = batches_to_dataset(generate, image_size=image_size, num_classes=num_classes,
+                                 resized_crops=bool(augmentation and augmentation.resized_crop))
     options = tf.data.Options()
     # Ray already gave this worker its own rows: tf.distribute must not shard them again.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return dataset.with_options(options)
+
+
+def batches_to_dataset(generate, *, image_size: int, num_classes: int, resized_crops: bool) -> tf.data.Dataset:
+    """``generate()``'s (uint8 images, int32 labels[, crop boxes]) numpy batches as a tf.data.Dataset
+    of (uint8 images, one-hot labels): with ``resized_crops``, each batch comes with the boxes that
+    ``Augmentation`` drew and leaves as their crops (``resize_crops``)."""
+    signature = (tf.TensorSpec((None, image_size, image_size, 3), tf.uint8), tf.TensorSpec((None,), tf.int32))
+    if resized_crops:
+        signature += (tf.TensorSpec((None, 4), tf.float32),)
+    dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
+    if resized_crops:
+        dataset = dataset.map(lambda images, labels, boxes: (resize_crops(images, boxes, image_size), labels),
+                              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return dataset.map(lambda images, labels: (images, tf.one_hot(labels, num_classes)))
 
 
 def shard_batches(shard, *, image_size: int, batch_size: int, shuffle_buffer_size: int = 0,
@@ -215,27 +228,33 @@ class Augmentation:
     one strided gather for the crop, one reversed copy for the flips, one masked fill for cutout.
     Several times faster than the same ops as a tf.data map, which left Ray Data and the model
     little of a worker's core (see BENCHMARKS.md, "One worker's input pipeline: whole files as
-    blocks, augmentation in numpy"). Seeded per worker and epoch, so a run with ``train.seed``
+    blocks, augmentation in numpy"). A random resized crop (photos) draws its boxes here and is
+    cut and resized by TensorFlow (``resize_crops``). Seeded per worker and epoch, so a run with ``train.seed``
     augments alike every time."""
 
     def __init__(self, train: TrainConfig, fill_value):
         self.padding, self.flip, self.cutout = train.random_crop_padding, train.horizontal_flip, train.cutout
+        self.resized_crop = train.random_resized_crop  # smallest share of the area; 0: off
         self.fill = np.round(np.asarray(fill_value, np.float64)).astype(np.uint8)
 
     @classmethod
     def from_config(cls, train: TrainConfig, fill_value) -> Optional["Augmentation"]:
         """None when the recipe augments nothing."""
-        if not (train.random_crop_padding or train.horizontal_flip or train.cutout):
+        if not (train.random_crop_padding or train.horizontal_flip or train.cutout or train.random_resized_crop):
             return None
         return cls(train, fill_value)
 
     def __call__(self, images: np.ndarray, labels: np.ndarray, rng: np.random.Generator):
+        """(images, labels), and with ``resized_crop`` the crop boxes that ``resize_crops`` applies
+        in the tf.data pipeline (a per-image resize is TensorFlow's one batched op, not numpy's)."""
         if self.padding or self.flip:
             images = self.crop_and_flip(images, rng)
         if self.cutout:
             if not images.flags.writeable:
                 images = images.copy()
             self.fill_cutout(images, rng)
+        if self.resized_crop:
+            return images, labels, resized_crop_boxes(len(images), self.resized_crop, rng)
         return images, labels
 
     def crop_and_flip(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -246,13 +265,13 @@ class Augmentation:
         if pad:
             source = np.zeros((count, height + 2 * pad, width + 2 * pad, channels), np.uint8)
             source[:, pad:pad + height, pad:pad + width] = images
+            # (count, rows offset, columns offset, channels, height, width) views; no copy until indexed
+            windows = np.lib.stride_tricks.sliding_window_view(source, (height, width), axis=(1, 2))
+            top = rng.integers(0, 2 * pad + 1, count)
+            left = rng.integers(0, 2 * pad + 1, count)
+            out = np.ascontiguousarray(windows[np.arange(count), top, left].transpose(0, 2, 3, 1))
         else:
-            source = images
-        # (count, rows offset, columns offset, channels, height, width) views; no copy until indexed
-        windows = np.lib.stride_tricks.sliding_window_view(source, (height, width), axis=(1, 2))
-        top = rng.integers(0, 2 * pad + 1, count)
-        left = rng.integers(0, 2 * pad + 1, count)
-        out = np.ascontiguousarray(windows[np.arange(count), top, left].transpose(0, 2, 3, 1))
+            out = np.array(images)  # writable: the input may be a view of Ray's read-only block
         if self.flip:
             mirrored = rng.random(count) < 0.5
             out[mirrored] = out[mirrored, :, ::-1]
@@ -267,6 +286,29 @@ class Augmentation:
         inside = ((np.abs(np.arange(height)[None, :, None] - centre_row) * 2 < self.cutout)
                   & (np.abs(np.arange(width)[None, None, :] - centre_column) * 2 < self.cutout))
         images[inside] = self.fill
+
+
+# Aspect ratios (width / height) of a random resized crop: torchvision's and timm's default.
+RESIZED_CROP_RATIOS = (3 / 4, 4 / 3)
+
+
+def resized_crop_boxes(count: int, min_area: float, rng: np.random.Generator) -> np.ndarray:
+    """``count`` random crop boxes, float32 (y1, x1, y2, x2) in [0, 1] (``tf.image.crop_and_resize``'s
+    form): each covers a share of the image's area drawn uniformly in [min_area, 1], with an aspect
+    ratio drawn log-uniformly in RESIZED_CROP_RATIOS, at a uniform position. A side that would
+    leave the image is clipped to it (torchvision retries instead; clipping needs no loop)."""
+    area = rng.uniform(min_area, 1.0, count)
+    ratio = np.exp(rng.uniform(*np.log(RESIZED_CROP_RATIOS), count))
+    width, height = np.minimum(np.sqrt(area * ratio), 1.0), np.minimum(np.sqrt(area / ratio), 1.0)
+    top, left = rng.random(count) * (1.0 - height), rng.random(count) * (1.0 - width)
+    return np.stack([top, left, top + height, left + width], axis=1).astype(np.float32)
+
+
+def resize_crops(images: tf.Tensor, boxes: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Each image's box, resized (bilinear) back to image_size: uint8 in, uint8 out, so the bytes
+    that travel to the device stay a quarter of float32's."""
+    crops = tf.image.crop_and_resize(images, boxes, tf.range(tf.shape(images)[0]), (image_size, image_size))
+    return tf.cast(tf.clip_by_value(tf.round(crops), 0.0, 255.0), tf.uint8)
 
 
 def prefetch(dataset: tf.data.Dataset) -> tf.data.Dataset:

@@ -55,7 +55,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model, optimizer = build_model(config, dataset, worker, data.train_steps)
     start = restore(model, optimizer, loop_config.get("start_from"), config, worker, data.train_steps, run_dir)
     metadata = model_metadata(kind="checkpoint", class_names=dataset.class_names, image_size=dataset.image_size,
-                              config=loop_config["config"], mean=dataset.mean, std=dataset.std,
+                              resize=dataset.resize, config=loop_config["config"], mean=dataset.mean, std=dataset.std,
                               precision=worker.precision, identity=dataset.identity)
     if worker.rank == 0:
         record_attempt(run_dir, worker.world_size, start.epoch, start.step)

@@ -25,8 +25,10 @@ from ray.train.tensorflow import TensorflowTrainer
 from pipeline import PipelineError, reports, storage, tracking
 from pipeline.capacity import worker_request
 from pipeline.config import Config, batch_sizes, scaled_learning_rate, to_dict, to_yaml
+from pipeline.data.images import resolved_resize
 from pipeline.data.manifest import DatasetInfo, images_from_column, lease
 from pipeline.data.preprocess import ensure_preprocessed
+from pipeline.models.registry import resolved_stem
 from pipeline.models.saving import checkpoint_problem
 from pipeline.train.history import columns as history_columns
 from pipeline.train.loop import train_loop_per_worker
@@ -111,7 +113,10 @@ def log_plan(config: Config, run_dir: str) -> None:
     per_worker_batch, global_batch = batch_sizes(config)
     workers = config.scaling.num_workers
     elastic = config.scaling.min_workers is not None
-    log.info(f"training run '{run_name(config)}' in {run_dir}: {config.model.name}, {config.train.epochs} epochs, "
+    size = config.data.image_size
+    log.info(f"training run '{run_name(config)}' in {run_dir}: {config.model.name} "
+             f"({resolved_stem(config.model.stem, size)} stem, {size} px {resolved_resize(config.data.resize, size)}), "
+             f"{config.train.epochs} epochs, "
              + (f"{config.scaling.min_workers}-{workers} workers (elastic; {per_worker_batch} each at {workers}) = "
                 if elastic else f"{workers} worker(s) x {per_worker_batch} = ")
              + f"global batch {global_batch}, "
