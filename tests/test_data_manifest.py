@@ -82,6 +82,8 @@ def test_dataset_info_crosses_to_the_workers_as_a_plain_dict():
     info = DatasetInfo.from_manifest(manifest, identity={"image_size": 32})
     wire = info.to_dict()
     assert wire == {"class_names": ["cat", "dog"], "image_size": 32, "mean": [1.0, 2.0, 3.0], "std": [4.0, 5.0, 6.0],
-                    "rows": {"train": 10, "test": 4}, "identity": {"image_size": 32}}
+                    "rows": {"train": 10, "test": 4}, "identity": {"image_size": 32}, "resize": "squash"}
     assert DatasetInfo.from_dict(wire) == info
+    cropped = Manifest("/data", {**manifest.raw, "image_size": 224, "resize": "crop"})
+    assert DatasetInfo.from_dict(DatasetInfo.from_manifest(cropped, identity={}).to_dict()).resize == "crop"
     assert info.num_classes == 2 and info.has("test") and not info.has("val")
