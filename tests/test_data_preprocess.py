@@ -218,3 +218,21 @@ def test_resize_is_in_the_fingerprint_only_where_it_crops():
     assert fingerprint(resize="auto") == fingerprint(resize="squash") != fingerprint(resize="crop")
     assert fingerprint(image_size=224, resize="auto") == fingerprint(image_size=224, resize="crop")
     assert fingerprint(image_size=224, resize="auto") != fingerprint(image_size=224, resize="squash")
+
+
+def test_shards_store_pixels_uncompressed(tmp_path):
+    """Compression saves nothing on pixels and costs a worker's read task most of its time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 8 * 8 * 3), dtype=np.uint8)
+    batch = pa.table({"id": [f"img-{i}" for i in range(6)], "label": pa.array([0, 1, 0, 1, 0, 1], pa.int64()),
+                      "index": pa.array(range(6), pa.int64()), "image": [row.tobytes() for row in pixels],
+                      "error": [""] * 6})
+    written = preprocess.write_shards(batch, str(tmp_path), "shards-x", "train", rows_per_shard=6, split_rows=6,
+                                      num_classes=2, image_size=8)
+    metadata = pq.ParquetFile(tmp_path / written["path"][0]).metadata
+    codecs = {metadata.row_group(0).column(i).path_in_schema: metadata.row_group(0).column(i).compression
+              for i in range(metadata.num_columns)}
+    assert codecs == {"id": "SNAPPY", "label": "SNAPPY", "image": "UNCOMPRESSED"}
+    assert pq.read_table(tmp_path / written["path"][0]).column("image").to_pylist() == [r.tobytes() for r in pixels]

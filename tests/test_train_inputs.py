@@ -49,6 +49,30 @@ def test_cutout_fills_one_square_with_the_mean_colour():
     assert set(map(tuple, out[changed].reshape(-1, 3))) == {(10, 20, 30)}  # the rounded mean
 
 
+@pytest.mark.parametrize("size, padding, cutout", [(32, 4, 8), (9, 2, 3), (224, 4, 0), (12, 0, 5)])
+def test_crop_flip_and_cutout_equal_the_padded_image_cut_one_by_one(size, padding, cutout):
+    """The grouped slice copies give each image exactly its own window, mirror and square: the
+    same pixels as padding, cutting and filling image by image with the same draws."""
+    images = np.random.default_rng(0).integers(1, 256, (40, size, size, 3), dtype=np.uint8)
+    images.flags.writeable = False
+    out, _ = augmentation(random_crop_padding=padding, horizontal_flip=True, cutout=cutout)(
+        images, None, np.random.default_rng(4))
+    draws = np.random.default_rng(4)
+    top = draws.integers(0, 2 * padding + 1, 40) if padding else np.zeros(40, int)
+    left = draws.integers(0, 2 * padding + 1, 40) if padding else np.zeros(40, int)
+    mirrored = draws.random(40) < 0.5
+    rows, columns = draws.integers(0, size, 40), draws.integers(0, size, 40)
+    for i, image in enumerate(np.pad(images, [(0, 0), (padding, padding), (padding, padding), (0, 0)])):
+        expected = image[top[i]:top[i] + size, left[i]:left[i] + size].copy()
+        if mirrored[i]:
+            expected = expected[:, ::-1].copy()
+        if cutout:
+            inside = ((np.abs(np.arange(size)[:, None] - rows[i]) * 2 < cutout)
+                      & (np.abs(np.arange(size)[None, :] - columns[i]) * 2 < cutout))
+            expected[inside] = (10, 20, 30)
+        np.testing.assert_array_equal(out[i], expected)
+
+
 def test_augmentation_is_off_when_the_recipe_asks_for_none_and_seeded_otherwise():
     assert inputs.Augmentation.from_config(TrainConfig(random_crop_padding=0, horizontal_flip=False, cutout=0),
                                            [0, 0, 0]) is None

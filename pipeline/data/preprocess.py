@@ -344,9 +344,11 @@ def write_shards(batch: pa.Table, output: str, build: str, split: str, rows_per_
         with storage.open_output(storage.join(output, *relative_path.split("/"))) as stream:
             # Row groups of at most ROW_GROUP_BYTES: Parquet buffers (and compresses) a whole row
             # group before writing it, a second copy of the shard if it were one group. No
-            # dictionary for the pixels: every image is unique, the attempt only costs memory.
+            # dictionary for the pixels: every image is unique, the attempt only costs memory. And no
+            # compression for them: Snappy saves 0.1% of CIFAR-10's pixels and triples the time a
+            # worker's read task spends decoding them (BENCHMARKS.md, "A worker's input at 224 px").
             pq.write_table(table, stream, row_group_size=max(1, ROW_GROUP_BYTES // (image_size * image_size * 3)),
-                           use_dictionary=["id", "label"])
+                           use_dictionary=["id", "label"], compression={"id": "snappy", "label": "snappy", "image": "none"})
     return {
         "path": np.array([relative_path]),
         "rows": np.array([int(good.sum())], dtype=np.int64),
