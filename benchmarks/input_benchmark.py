@@ -19,7 +19,9 @@ then crop, flip and cutout as a tf.data map of vectorised TensorFlow ops; inline
 Ray's iterator, the pixel views, the shuffle buffer and the batches), without TensorFlow.
 Figures: epoch 1 (from creating the dataset to its last batch: Ray Data's start-up included) and
 steady state (the median of the later epochs: Ray starts the read tasks' worker processes over the
-first one or two), in images/s.
+first one or two), in images/s; and "between batches", the median time between two batches after
+the first as a rate: the pipeline's own speed without the shuffle buffer's fill at the start of
+an epoch and the pauses while Ray Data opens the next file.
 
 Scale (``--scale``): synthetic Parquet builds of the given row counts (random pixels, 10,000 rows
 per file), read for two epochs with the file order shuffled at read time (what training does) and
@@ -111,14 +113,20 @@ def measure(args) -> dict:
     epochs = []
     for epoch in range(args.epochs):
         started = time.perf_counter()
-        first, count = None, 0
+        first, count, arrivals = None, 0, []
         for images_batch, _ in make(epoch):
             count += int(images_batch.shape[0])  # numpy or tensor
+            arrivals.append(time.perf_counter() - started)
             if first is None:
-                first = time.perf_counter() - started
+                first = arrivals[0]
         seconds = time.perf_counter() - started
+        # The typical time between two batches once the first has come: the pipeline's own rate,
+        # without the shuffle buffer's fill (no batch leaves it before it holds its rows) and the
+        # pauses while Ray Data opens the next file, which an epoch's rate includes.
+        between = float(np.median(np.diff(arrivals))) if len(arrivals) > 2 else seconds
         epochs.append({"images": count, "seconds": round(seconds, 2), "first_batch_seconds": round(first, 2),
-                       "images_per_second": round(count / seconds)})
+                       "images_per_second": round(count / seconds),
+                       "between_batches_images_per_second": round(count / len(arrivals) / between)})
     if ray.is_initialized():
         ray.shutdown()
     steady = sorted(e["images_per_second"] for e in epochs[1:])
@@ -127,6 +135,8 @@ def measure(args) -> dict:
     return {"pipeline": args.pipeline, "cpus": args.cpus, "epochs": epochs, "image_size": size,
             "first_epoch_images_per_second": epochs[0]["images_per_second"],
             "steady_images_per_second": steady[len(steady) // 2] if steady else None,
+            "between_batches_images_per_second": sorted(e["between_batches_images_per_second"] for e in epochs)[
+                len(epochs) // 2],
             # The worker's process (the iterator, the shuffle buffer, the batches; not Ray's read tasks).
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
 
@@ -283,7 +293,8 @@ def main() -> None:
                 print(f"{cpus} CPU  {name:<12} epoch 1 {result['first_epoch_images_per_second']:>7,} images/s  "
                       f"steady {result['steady_images_per_second'] or 0:>7,} images/s  "
                       f"({', '.join(str(e['images_per_second']) for e in result['epochs'])}), "
-                      f"{result['image_size']} px, worker peak RSS {result['peak_rss_mib']:,} MiB", flush=True)
+                      f"{result['image_size']} px, worker peak RSS {result['peak_rss_mib']:,} MiB, "
+                      f"between batches {result['between_batches_images_per_second']:,} images/s", flush=True)
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as handle:
         json.dump(results, handle, indent=1)
