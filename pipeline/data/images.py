@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 from pipeline import InputError
+from pipeline.models.registry import PHOTO_SIZE
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -42,9 +43,6 @@ def is_image_path(path: str) -> bool:
 
 
 RESIZE_MODES = ("squash", "crop")
-# From this size up an image is a photo, not a thumbnail: ``data.resize: auto`` crops instead of
-# squashing and ``model.stem: auto`` picks the ImageNet stem (pipeline.models.registry).
-PHOTO_SIZE = 96
 
 
 def resolved_resize(resize: str, image_size: int) -> str:

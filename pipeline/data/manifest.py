@@ -149,8 +149,8 @@ class DatasetInfo:
     @classmethod
     def from_manifest(cls, manifest: Manifest, identity: dict) -> DatasetInfo:
         rows = {split: manifest.rows(split) for split in ("train", "val", "test") if manifest.has_split(split)}
-        return cls(class_names=manifest.class_names, image_size=manifest.image_size, resize=manifest.resize, mean=manifest.mean,
-                   std=manifest.std, rows=rows, identity=identity)
+        return cls(class_names=manifest.class_names, image_size=manifest.image_size, resize=manifest.resize,
+                   mean=manifest.mean, std=manifest.std, rows=rows, identity=identity)
 
     @classmethod
     def from_dict(cls, values: dict) -> DatasetInfo:

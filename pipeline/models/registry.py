@@ -50,15 +50,16 @@ def get_variant(name: str) -> ResNetVariant:
     raise ValueError(f"unknown model '{name}'{did_you_mean(name, list(VARIANTS))} (valid names: {', '.join(VARIANTS)})")
 
 
-# ``model.stem: auto`` takes the ImageNet stem from this input size up (data.images.PHOTO_SIZE):
-# at 96 px and above the CIFAR stem's full-resolution first stage costs 9x or more the arithmetic.
-IMAGENET_STEM_FROM = 96
+# From this input size up a picture is a photo, not a thumbnail: ``model.stem: auto`` takes the
+# ImageNet stem (the CIFAR stem's full-resolution first stage would cost 9x or more the arithmetic)
+# and ``data.resize: auto`` crops instead of squashing (pipeline.data.images).
+PHOTO_SIZE = 96
 
 
 def resolved_stem(stem: str, image_size: int) -> str:
-    """``model.stem`` with ``auto`` decided by the input size: cifar below IMAGENET_STEM_FROM, imagenet from it up."""
+    """``model.stem`` with ``auto`` decided by the input size: cifar below PHOTO_SIZE, imagenet from it up."""
     if stem == "auto":
-        return "imagenet" if image_size >= IMAGENET_STEM_FROM else "cifar"
+        return "imagenet" if image_size >= PHOTO_SIZE else "cifar"
     return stem
 
 

@@ -229,8 +229,8 @@ class Augmentation:
     Several times faster than the same ops as a tf.data map, which left Ray Data and the model
     little of a worker's core (see BENCHMARKS.md, "One worker's input pipeline: whole files as
     blocks, augmentation in numpy"). A random resized crop (photos) draws its boxes here and is
-    cut and resized by TensorFlow (``resize_crops``). Seeded per worker and epoch, so a run with ``train.seed``
-    augments alike every time."""
+    cut and resized by TensorFlow (``resize_crops``). Seeded per worker and epoch, so a run with
+    ``train.seed`` augments alike every time."""
 
     def __init__(self, train: TrainConfig, fill_value):
         self.padding, self.flip, self.cutout = train.random_crop_padding, train.horizontal_flip, train.cutout
