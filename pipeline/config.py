@@ -131,6 +131,11 @@ class TrainConfig:
     step_epochs: list = param([], "step schedule: epochs at which the rate is multiplied by step_gamma")
     step_gamma: float = param(0.1, "step schedule factor", min=0.0, max=1.0)
     final_lr_fraction: float = param(0.0, "cosine/onecycle end at learning_rate x this", min=0.0, max=1.0)
+    ema_momentum: Optional[float] = param(
+        None, "keep an exponential moving average of the weights, this much of it kept per optimizer step "
+        "(Keras' ema_momentum: 0.99 averages about the last 100 steps); each epoch's validation, the test "
+        "evaluation, the export and inference from a checkpoint use the average; null: off",
+        min=0.0, max=0.99999, min_exclusive=True)
     random_crop_padding: int = param(0, "augmentation: pad by this many pixels, then crop back (0 = off)", min=0)
     horizontal_flip: bool = param(False, "augmentation: random left-right flip")
     cutout: int = param(0, "augmentation: zero one random square of this side (pixels; 0 = off)", min=0)

@@ -160,6 +160,43 @@ def test_a_checkpoint_whose_upload_stopped_part_way_is_told_from_a_whole_one(tmp
     assert checkpoint_problem(pafs.LocalFileSystem(), str(folder)) == "state.json is missing or unreadable"
 
 
+def test_a_checkpoint_with_a_moving_average_resumes_both_and_serves_the_average(tmp_path):
+    # train.ema_momentum: the checkpoint keeps the trained weights (to resume training) and the
+    # average (what the run evaluates and exports); inference from the checkpoint uses the average.
+    import pyarrow.fs as pafs
+
+    from pipeline.models.saving import (checkpoint_problem, load_model, model_metadata, restore_checkpoint,
+                                        write_checkpoint)
+
+    config = ModelConfig(name="resnet18", width=4)
+    model = build_model(config, num_classes=3, image_size=16, mean=[120.0] * 3, std=[60.0] * 3)
+    average = [0.5 * value + 0.01 for value in model.get_weights()]
+    folder = tmp_path / "checkpoint_000001"
+    folder.mkdir()
+    metadata = model_metadata(kind="checkpoint", class_names=["a", "b", "c"], image_size=16,
+                              config={"model": vars(config)}, mean=[120.0] * 3, std=[60.0] * 3)
+    write_checkpoint(str(folder), model=model, optimizer=keras.optimizers.SGD(), state={"epoch": 1, "history": []},
+                     metadata=metadata, average=average)
+    assert checkpoint_problem(pafs.LocalFileSystem(), str(folder)) is None
+
+    resumed = build_model(config, num_classes=3, image_size=16, mean=[120.0] * 3, std=[60.0] * 3)
+    state = restore_checkpoint(str(folder), model=resumed, optimizer=keras.optimizers.SGD())
+    for mine, theirs in zip(resumed.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(mine, theirs)  # training goes on from its own weights
+    for mine, theirs in zip(state["average"], average):
+        np.testing.assert_array_equal(mine, theirs)
+
+    images = random_pixels(2, 16, seed=3)
+    served = build_model(config, num_classes=3, image_size=16, mean=[120.0] * 3, std=[60.0] * 3)
+    served.set_weights(average)
+    loaded, _ = load_model(str(folder))
+    np.testing.assert_allclose(loaded.predict_on_batch(images), served.predict_on_batch(images), atol=1e-6)
+    assert not np.allclose(loaded.predict_on_batch(images), model.predict_on_batch(images), atol=1e-6)
+
+    (folder / "average.npz").write_bytes((folder / "average.npz").read_bytes()[:50])
+    assert checkpoint_problem(pafs.LocalFileSystem(), str(folder)).startswith("average.npz has 50 of its")
+
+
 def test_the_inference_function_is_the_models_forward_pass_for_any_batch_size():
     # What the model actors and the test evaluation call instead of predict_on_batch: the same
     # probabilities, for a full and a short last batch, from one trace (a retrace per batch size

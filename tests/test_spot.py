@@ -21,7 +21,7 @@ from synthetic_data import make_image_folder
 
 pytestmark = [pytest.mark.cluster, pytest.mark.own_ray]
 SLOT = '--resources={"slot": 1}'
-DEADLINE_SECONDS = 20
+DEADLINE_SECONDS = 12
 
 
 def ask_cluster(gcs: str, env: dict, expression: str):
@@ -66,10 +66,10 @@ def test_a_reclaimed_spot_node_costs_seconds_and_an_elastic_run_goes_on(grows_ba
     # Ray Train first tries to restart at the old size after a node is lost (its view of the
     # cluster lags the kill) and gives up after this start timeout (60 s by default): shorter here.
     env = {**cluster_env(), "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}
-    # 1,120 training images at batch 2: 560 steps an epoch (~45 s on two vCPUs), so that the notice
-    # and the deadline 20 s later fall inside the first epoch; 1,600 (800 steps) with a second epoch
+    # 640 training images at batch 2: 320 steps an epoch (~25 s on two vCPUs), so that the notice
+    # and the deadline 12 s later fall inside the first epoch; 1,600 (800 steps) with a second epoch
     # for the regrowth to fall inside.
-    per_class = 500 if grows_back else 350
+    per_class = 500 if grows_back else 200
     source = make_image_folder(str(tmp_path / "images"), classes=4, per_class=per_class, test_per_class=2)
     job_id = f"spot-{os.getpid()}"
     run_dir = tmp_path / "runs" / "spot"

@@ -1,5 +1,5 @@
-"""Training on a real local Ray: one worker in fp16 with loss scaling, checkpoints, a killed run resumed,
-export, and the CLI. Two workers (one per node, ring all-reduce across raylets): test_autoscaling."""
+"""Training on a real local Ray: one worker in fp16 with loss scaling, checkpoints, a killed run resumed
+(with a moving average of the weights), export, and the CLI. Two workers (one per node, ring all-reduce across raylets): test_autoscaling."""
 
 import os
 import shutil
@@ -176,7 +176,7 @@ def test_stopped_run_resumes_at_the_right_epoch(source, tmp_path, local_ray):
                  "--config", os.path.join(REPO, "configs/smoke.yaml"),
                  "--set", f"data.source={own_source}", "--set", f"data.output={tmp_path}/data",
                  "--set", f"run.storage_path={tmp_path}/runs", "--set", "run.name=resume",
-                 "--set", "train.epochs=4", "--set", "train.precision=fp32",
+                 "--set", "train.epochs=4", "--set", "train.precision=fp32", "--set", "train.ema_momentum=0.9",
                  # A tracking server that is down: the run trains on and says what was not logged.
                  "--set", "tracking.enabled=true", "--set", f"tracking.uri=http://127.0.0.1:{free_port()}"]
     run_dir = os.path.join(tmp_path, "runs", "resume")
@@ -219,6 +219,17 @@ def test_stopped_run_resumes_at_the_right_epoch(source, tmp_path, local_ray):
     assert not_logged["store"].startswith("http://127.0.0.1:") and "Connection refused" in not_logged["reason"]
     assert "the training run" in not_logged["not_logged"] and "the model version" in not_logged["not_logged"]
     assert f"not logged to MLflow at {not_logged['store']}" in second.stdout
+
+    # train.ema_momentum: the run exported the moving average that its last checkpoint carries
+    # beside the trained weights, and inference from that checkpoint uses it too.
+    last = os.path.join(run_dir, checkpoints_by_epoch(run_dir)[-1])
+    exported, _ = load_model(os.path.join(run_dir, "export"))
+    with np.load(os.path.join(last, "average.npz")) as average:
+        for index, weights in enumerate(exported.get_weights()):
+            np.testing.assert_array_equal(weights, average[f"arr_{index}"])
+    images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(load_model(last)[0].predict_on_batch(images), exported.predict_on_batch(images),
+                               atol=1e-5)
 
 
 def test_a_hung_worker_ends_its_attempt_and_the_run_goes_on(source, tmp_path, local_ray, monkeypatch):

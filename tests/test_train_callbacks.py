@@ -1,4 +1,5 @@
-"""Progress lines inside a long epoch (how often, and what they say), and the stall watchdog."""
+"""Progress lines inside a long epoch (how often, and what they say), the stall watchdog, and the
+moving average of the weights."""
 
 from pipeline.train.callbacks import ProgressLog
 
@@ -55,3 +56,45 @@ def test_the_watchdog_ends_a_worker_whose_training_stalls(monkeypatch):
     dog.disarm()  # after training: evaluation and export are not watched
     now[0] += 1000.0
     assert not dog.stalled()
+
+
+def test_validation_sees_the_moving_average_and_training_goes_on_from_its_own_weights():
+    # One epoch of 12 steps on a small dense model: the average takes the weights in at steps 5 and
+    # 10 (every 5 steps, momentum ** steps, lower early on), and the last 2 steps before validation.
+    import numpy as np
+    import tf_keras as keras
+
+    from pipeline.train.callbacks import MovingAverage
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(48, 6)).astype(np.float32), rng.normal(size=(48, 2)).astype(np.float32)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, activation="relu"),
+                              keras.layers.BatchNormalization(), keras.layers.Dense(2)])
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    trained = {}
+    record = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: trained.update(
+        {batch + 1: model.get_weights()}))
+    average = MovingAverage(0.9, steps_per_epoch=12)
+    seen = {}
+    spy = keras.callbacks.LambdaCallback(on_test_begin=lambda logs: seen.update(weights=model.get_weights()))
+    logs = model.fit(x, y, batch_size=4, shuffle=False, epochs=1, validation_data=(x[:8], y[:8]),
+                     callbacks=[average, record, spy], verbose=0).history
+
+    expected = [np.array(value) for value in trained[5]]
+    for step, steps in ((10, 5), (12, 2)):
+        kept = min(0.9, (1 + step) / (10 + step)) ** steps
+        expected = [kept * mean + (1 - kept) * value for mean, value in zip(expected, trained[step])]
+    for mine, theirs in zip(average.weights, expected):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-6, atol=1e-7)
+    # Validation ran on the average (BatchNorm's statistics averaged too) ...
+    for mine, theirs in zip(seen["weights"], expected):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-6, atol=1e-7)
+    checked = keras.models.clone_model(model)
+    checked.set_weights(expected)
+    checked.compile(loss="mse")
+    np.testing.assert_allclose(logs["val_loss"][0], checked.evaluate(x[:8], y[:8], verbose=0), rtol=1e-5)
+    # ... and the model holds its trained weights again afterwards, which differ from the average.
+    for mine, theirs in zip(model.get_weights(), trained[12]):
+        np.testing.assert_array_equal(mine, theirs)
+    assert not np.allclose(trained[12][0], expected[0])

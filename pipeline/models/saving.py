@@ -9,8 +9,10 @@ Two layouts, each with a ``metadata.json`` written last (its presence marks the 
 * checkpoint (``<run>/checkpoint_*/``, reported to Ray Train every N epochs), for resuming:
     ``tf_checkpoint/``   ``tf.train.Checkpoint`` of model and optimizer (step counter included,
                          so the learning-rate schedule resumes at the right position)
+    ``average.npz``      with ``train.ema_momentum``: the moving average of the weights (in
+                         ``model.get_weights()`` order), what inference from the checkpoint uses
     ``state.json``       epoch counter, the metric history so far, and ``files``: the size of
-                         every ``tf_checkpoint/`` file
+                         every ``tf_checkpoint/`` file and of ``average.npz``
     ``metadata.json``    ``kind: "checkpoint"``, same fields as an export
   Ray Train copies a checkpoint's files into its folder in no set order, in parallel: an upload
   that failed part-way leaves any subset behind, metadata.json included. ``checkpoint_problem``
@@ -124,13 +126,21 @@ def _serving_module(model, flip: bool = False):
     return module
 
 
-def write_checkpoint(directory: str, *, model, optimizer, state: dict, metadata: dict) -> None:
-    """Write a resumable checkpoint into a local ``directory`` (Ray Train then persists it)."""
+AVERAGE_FILE = "average.npz"
+
+
+def write_checkpoint(directory: str, *, model, optimizer, state: dict, metadata: dict,
+                     average: list | None = None) -> None:
+    """Write a resumable checkpoint into a local ``directory`` (Ray Train then persists it);
+    ``average``: the moving average of the weights, if the run keeps one."""
+    import numpy as np
     import tensorflow as tf
 
     tf.train.Checkpoint(model=model, optimizer=optimizer).write(os.path.join(directory, "tf_checkpoint", "ckpt"))
+    if average is not None:
+        np.savez(os.path.join(directory, AVERAGE_FILE), *average)
     files = {}
-    for folder, _, names in os.walk(os.path.join(directory, "tf_checkpoint")):
+    for folder, _, names in os.walk(directory):
         for name in names:
             path = os.path.join(folder, name)
             files[os.path.relpath(path, directory).replace(os.sep, "/")] = os.path.getsize(path)
@@ -162,7 +172,11 @@ def checkpoint_problem(filesystem, path: str) -> str | None:
 
 
 def restore_checkpoint(directory: str, *, model, optimizer=None) -> dict:
-    """Load weights (and optimizer slots + step) from a local checkpoint folder; returns its state."""
+    """From a local checkpoint folder: to resume (``optimizer`` given), the trained weights,
+    optimizer slots and step, and the moving average as ``state["average"]`` (None without one);
+    for inference (no optimizer), the weights the run evaluates and exports: the moving average
+    where there is one. Returns the checkpoint's state."""
+    import numpy as np
     import tensorflow as tf
 
     objects = {"model": model} if optimizer is None else {"model": model, "optimizer": optimizer}
@@ -171,7 +185,14 @@ def restore_checkpoint(directory: str, *, model, optimizer=None) -> dict:
         status.expect_partial()  # optimizer slots are in the file but not wanted for inference
     else:
         status.assert_existing_objects_matched()
-    return storage.read_json(os.path.join(directory, "state.json"))
+    state = storage.read_json(os.path.join(directory, "state.json"))
+    state["average"] = None
+    if os.path.exists(os.path.join(directory, AVERAGE_FILE)):
+        with np.load(os.path.join(directory, AVERAGE_FILE)) as arrays:
+            state["average"] = [arrays[f"arr_{index}"] for index in range(len(arrays.files))]
+        if optimizer is None:
+            model.set_weights(state["average"])
+    return state
 
 
 def find_model_dir(path: str) -> str:

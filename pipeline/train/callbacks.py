@@ -43,7 +43,7 @@ class ReportToRayTrain(keras.callbacks.Callback):
     """
 
     def __init__(self, *, config, metadata, history, run_dir, rank, images_per_epoch, steps_per_epoch, precision,
-                 workers=1):
+                 workers=1, average: MovingAverage | None = None):
         super().__init__()
         # Batch hooks read no values, so Keras may pass its logs as tensors: without this flag it
         # converts them to numpy after every step, a host sync that serialises GPU execution.
@@ -51,6 +51,7 @@ class ReportToRayTrain(keras.callbacks.Callback):
         self.config, self.metadata, self.history, self.run_dir = config, metadata, history, run_dir
         self.rank, self.images_per_epoch, self.precision = rank, images_per_epoch, precision
         self.steps_per_epoch, self.workers = steps_per_epoch, workers
+        self.average = average
 
     diverged = False
     first_step = 0  # steps of the current epoch done before a restart (see CheckpointInsideEpochs)
@@ -120,13 +121,76 @@ class ReportToRayTrain(keras.callbacks.Callback):
         """Every worker writes (a MirroredStrategy save may involve all replicas); only rank 0's
         copy is handed to Ray Train, which uploads it to the run's storage before returning.
         ``position``: the epochs done and, inside an epoch, the steps done of the next one."""
+        if self.average is not None:
+            self.average.catch_up()
         with tempfile.TemporaryDirectory(prefix="checkpoint-") as directory:
             write_checkpoint(directory, model=self.model, optimizer=self.model.optimizer,
+                             average=None if self.average is None else self.average.weights,
                              state={**position, "history": self.history,
                                     "run": os.path.basename(self.run_dir.rstrip("/"))},
                              metadata=self.metadata)
             checkpoint = ray.train.Checkpoint.from_directory(directory) if self.rank == 0 else None
             ray.train.report(metrics, checkpoint=checkpoint)
+
+
+class MovingAverage(keras.callbacks.Callback):
+    """An exponential moving average of the weights (``train.ema_momentum`` per optimizer step):
+    the model each epoch's validation sees, checkpoints carry and the run evaluates and exports.
+
+    Kept in numpy on the host and updated every ``EVERY_STEPS`` steps with ``momentum ** steps``:
+    reading the weights copies them off the device, and BatchNorm's statistics (averaged with the
+    rest, as timm's ModelEmaV2 does) are an all-reduce to read; every worker updates at the same
+    steps. Early on the momentum is ``min(momentum, (1 + n) / (10 + n))`` after n steps (the
+    ``num_updates`` rule of tf.train.ExponentialMovingAverage), so the average forgets the random
+    initial weights quickly."""
+
+    EVERY_STEPS = 5
+
+    def __init__(self, momentum: float, *, steps_per_epoch: int, weights: list | None = None):
+        super().__init__()
+        self._supports_tf_logs = True
+        self.momentum, self.steps_per_epoch = momentum, steps_per_epoch
+        self.weights = weights  # float32 arrays in model.get_weights() order; None before the first update
+        self.first_step = 0  # steps of the current epoch done before this fit (a resumed epoch)
+        self.updated_at = self.seen = None  # total optimizer steps the average includes / trained so far
+        self._trained = None  # the trained weights while validation runs on the average
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        # Once per steps_per_execution steps: counted as steps since the last update, like CheckpointInsideEpochs.
+        self.seen = self.epoch * self.steps_per_epoch + self.first_step + batch + 1
+        if self.updated_at is None:
+            self.updated_at = self.seen - batch - 1  # where this attempt started
+        if self.seen - self.updated_at >= self.EVERY_STEPS:
+            self.catch_up()
+
+    def catch_up(self) -> None:
+        """Take the steps trained since the last update into the average (every worker alike)."""
+        if self.seen is None or self.seen == self.updated_at:
+            return
+        steps, self.updated_at = self.seen - self.updated_at, self.seen
+        current = self.model.get_weights()
+        if self.weights is None:
+            self.weights = [np.array(value, dtype=np.float32) for value in current]
+            return
+        kept = min(self.momentum, (1 + self.seen) / (10 + self.seen)) ** steps
+        for average, value in zip(self.weights, current):
+            average *= kept
+            average += (1 - kept) * value
+
+    def on_test_begin(self, logs=None):
+        # Validation inside fit runs on the average; the trained weights go back for the next epoch.
+        self.catch_up()
+        if self.weights is not None:
+            self._trained = self.model.get_weights()
+            self.model.set_weights(self.weights)
+
+    def on_test_end(self, logs=None):
+        if self._trained is not None:
+            self.model.set_weights(self._trained)
+            self._trained = None
 
 
 class CheckpointInsideEpochs(keras.callbacks.Callback):

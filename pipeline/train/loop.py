@@ -37,8 +37,8 @@ from pipeline.data.manifest import DatasetInfo
 from pipeline.models.registry import create_model
 from pipeline.models.saving import model_metadata, predict_function, restore_checkpoint, save_export
 from pipeline.train import devices, inputs
-from pipeline.train.callbacks import (CheckpointInsideEpochs, ProgressLog, ReportToRayTrain, StallWatchdog,
-                                      TensorBoardToStorage)
+from pipeline.train.callbacks import (CheckpointInsideEpochs, MovingAverage, ProgressLog, ReportToRayTrain,
+                                      StallWatchdog, TensorBoardToStorage)
 from pipeline.train.history import write_history
 from pipeline.train.schedules import schedule_from_config
 
@@ -59,12 +59,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
                               precision=worker.precision, identity=dataset.identity)
     if worker.rank == 0:
         record_attempt(run_dir, worker.world_size, start.epoch, start.step)
-    if not fit(model, config, data, worker, start, metadata, run_dir):
+    average = None
+    if config.train.ema_momentum:
+        average = MovingAverage(config.train.ema_momentum, steps_per_epoch=data.train_steps, weights=start.average)
+    if not fit(model, config, data, worker, start, metadata, run_dir, average):
         return  # diverged: every worker stops here alike; the driver raises TrainingDiverged from the history
 
+    if average is not None:
+        average.catch_up()
     # Every worker reads the weights: BatchNorm's moving statistics are on-read-synchronised
     # variables, so reading them is an all-reduce that a lone rank 0 would wait on forever.
-    weights = model.get_weights()
+    weights = model.get_weights() if average is None or average.weights is None else average.weights
     evaluate_and_export(weights, config, dataset, metadata, run_dir, worker)
 
 
@@ -197,6 +202,7 @@ class Start:
     epoch: int = 0
     step: int = 0  # within ``epoch``: a checkpoint taken inside an epoch resumes there
     history: list[dict] = dataclasses.field(default_factory=list)  # appended to by ReportToRayTrain
+    average: list | None = None  # the moving average of the weights (train.ema_momentum), if kept
 
 
 def restore(model, optimizer, start_from, config: Config, worker: Worker, steps_per_epoch: int,
@@ -214,7 +220,8 @@ def restore(model, optimizer, start_from, config: Config, worker: Worker, steps_
     # A checkpoint inside an epoch resumes at its step (the optimizer's step counter, restored
     # with it, keeps the schedule exact); the epoch is finished with the steps it had left.
     # Written with another worker count (elastic), an epoch may have a step fewer now.
-    start = Start(epoch=state["epoch"], step=min(state.get("step", 0), steps_per_epoch - 1), history=state["history"])
+    start = Start(epoch=state["epoch"], step=min(state.get("step", 0), steps_per_epoch - 1), history=state["history"],
+                  average=state["average"])
     at = f" step {start.step}/{steps_per_epoch}" if start.step else ""
     log.info(f"rank {worker.rank} resumed from {checkpoint.path} at epoch {start.epoch}/{config.train.epochs}{at}")
     if worker.rank == 0:
@@ -224,18 +231,20 @@ def restore(model, optimizer, start_from, config: Config, worker: Worker, steps_
     return start
 
 
-def fit(model, config: Config, data: Inputs, worker: Worker, start: Start, metadata: dict, run_dir: str) -> bool:
+def fit(model, config: Config, data: Inputs, worker: Worker, start: Start, metadata: dict, run_dir: str,
+        average: MovingAverage | None = None) -> bool:
     """Train from ``start`` to train.epochs, one ``model.fit`` per epoch; False if the weights diverged."""
     reporter = ReportToRayTrain(config=config, metadata=metadata, history=start.history, run_dir=run_dir,
                                 rank=worker.rank, images_per_epoch=data.train_steps * data.global_batch,
                                 steps_per_epoch=data.train_steps, precision=worker.precision,
-                                workers=worker.world_size)
+                                workers=worker.world_size, average=average)
     inside = CheckpointInsideEpochs(reporter, steps_per_epoch=data.train_steps,
                                     every_steps=config.train.checkpoint_every_steps,
                                     check_steps=config.train.preemption_check_steps,
                                     score_key="val_accuracy" if data.dataset.has("val") else "accuracy")
     watchdog = StallWatchdog(config.train.stall_timeout_seconds)
-    callbacks = [reporter, inside, watchdog]
+    # The average first: validation and checkpoints at a step see it updated to that step.
+    callbacks = ([] if average is None else [average]) + [reporter, inside, watchdog]
     if worker.rank == 0:
         callbacks.append(TensorBoardToStorage(storage.join(run_dir, "tensorboard")))
         if config.run.progress_seconds:
