@@ -228,6 +228,13 @@ def child(mode: str, pipeline_name: str, data: str, cpus: int, epochs: int, augm
         return json.load(open(out.name))
 
 
+def shard_bytes(path: str) -> int:
+    from pipeline import storage
+
+    filesystem, inner = storage.filesystem(path)
+    return filesystem.get_file_info(inner).size
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", help="CIFAR-10 archive or image folder (speed)")
@@ -238,6 +245,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--pipelines", nargs="+", default=["pipeline", "tf-augment", "in-memory", "in-memory-tf"])
     parser.add_argument("--scale", type=int, nargs="+", help="synthetic row counts (scale)")
+    parser.add_argument("--encoding", default="auto", choices=["auto", "raw", "jpeg", "webp", "png"],
+                        help="data.encoding of the build (auto: raw below 96 px, jpeg from there)")
     parser.add_argument("--augmentation", choices=["cifar", "photo"], default="cifar",
                         help="cifar: the fast recipe's padded crop, flip and cutout; photo: configs/folder224.yaml's "
                              "random resized crops and flips")
@@ -277,12 +286,16 @@ def main() -> None:
         runtime.connect(num_cpus=2)
         # CIFAR's pictures are square, so crop and squash give the same pixels: squash at every size
         # keeps builds made before data.resize existed current.
-        build = [f"data.source={args.source}", f"data.output={args.data}", "data.resize=squash"]
+        build = [f"data.source={args.source}", f"data.output={args.data}", "data.resize=squash",
+                 f"data.encoding={args.encoding}"]
         if args.image_size:
             build.append(f"data.image_size={args.image_size}")
         if args.images_per_class:
             build.append(f"data.max_images_per_class={args.images_per_class}")
-        ensure_preprocessed(load_config(os.path.join(REPO, "configs/fast.yaml"), build))
+        manifest = ensure_preprocessed(load_config(os.path.join(REPO, "configs/fast.yaml"), build))
+        stored = sum(shard_bytes(path) for path in manifest.shard_paths("train")) / manifest.rows("train")
+        print(f"shards: {manifest.image_size} px stored {manifest.encoding}, {stored / 1024:,.1f} KiB an image "
+              f"({manifest.image_size**2 * 3 / stored:.1f}x smaller than its pixels)", flush=True)
         import ray
 
         ray.shutdown()

@@ -44,6 +44,7 @@ def measure(image_size: int) -> dict:
         "label": pa.array(np.arange(rows) % 10, pa.int64()),
         "image": images,
         "error": pa.array([""] * rows, pa.string()),
+        "pixel_sums": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(rows * 6, np.int64)), 6),
     })
     kwargs = {"rows_per_shard": rows, "split_rows": rows, "num_classes": 10}
     if "image_size" in inspect.signature(preprocess.write_shards).parameters:

@@ -67,6 +67,12 @@ class DataConfig:
         "(the original tutorial's; a portrait photo is squeezed), 'crop' resizes its centred square (the shape "
         "is kept, the long side's ends are cut), the same in training, evaluation, batch inference and serving; "
         "auto: squash below 96 px (CIFAR), crop from 96 px up (photos)", choices=["auto", "squash", "crop"])
+    encoding: str = param(
+        "auto", "how the shards store each image: 'raw' uint8 pixels (nothing to decode; 150 KB an image at "
+        "224 px), 'jpeg' or 'webp' at encoding_quality, or 'png' (lossless), decoded by the read tasks "
+        "across the cluster's CPUs; auto: raw below 96 px (CIFAR), jpeg from 96 px up "
+        "(BENCHMARKS.md: what the shards store)", choices=["auto", "raw", "jpeg", "webp", "png"])
+    encoding_quality: int = param(90, "quality of data.encoding jpeg and webp (1-100)", min=1, max=100)
     val_fraction: float = param(0.1, "fraction of the training images held out for validation", min=0.0, max=0.9)
     split_method: str = param(
         "stratified", "'stratified': seeded random split with the same fraction per class; "

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.config import load_config
+from pipeline.data.encoding import decode_block
 from pipeline.data.manifest import images_from_column
 
 CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -81,6 +82,8 @@ def read_all_shards(manifest) -> dict[str, dict]:
         for path in manifest.shard_paths(split):
             table = pq.read_table(path)
             assert table.column_names == ["id", "label", "image"]
+            if manifest.encoding != "raw":
+                table = decode_block(table, manifest.image_size)
             images = images_from_column(table.column("image").to_pylist(), manifest.image_size)
             for id_, label, pixels in zip(table.column("id").to_pylist(), table.column("label").to_pylist(), images):
                 rows[id_] = (pixels, label)

@@ -3,7 +3,9 @@
 The manifest is the commit point of a preprocess build (written last, atomically): a reader only
 ever opens the shard files it lists, so a crashed or concurrent build's files are never read.
 Every shard has the columns ``id`` (string), ``label`` (int64) and ``image`` (binary: raw uint8
-pixels, height x width x 3 RGB, row-major; ``images_from_column`` turns a column into an array).
+pixels, height x width x 3 RGB, row-major, or that picture encoded as the manifest's ``encoding``
+says, see ``encoding.py``). ``read_split`` and ``head`` return raw pixels either way, and
+``images_from_column`` turns such a column into an array.
 
 On a multi-node cluster ``data.output`` must be storage every node can read (s3://, gs://, NFS):
 training workers read the shards on their own nodes.
@@ -32,11 +34,12 @@ import numpy as np
 import pipeline
 from pipeline import InputError, storage
 from pipeline.config import saved_dict, to_yaml
+from pipeline.data.encoding import decode_block, stored_encoding
 from pipeline.data.images import DECODE_VERSION, resolved_resize
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
-PIXEL_FORMAT = "uint8 HWC RGB, row-major, in the binary column 'image'"
+PIXEL_FORMAT = "uint8 HWC RGB, row-major, in the binary column 'image' (encoded as 'encoding' says)"
 
 
 class ManifestError(InputError):
@@ -58,6 +61,7 @@ class Manifest:
         self.std: list[float] = [float(v) for v in raw["normalization"]["std"]]
         self.splits: dict[str, dict] = raw["splits"]
         self.build: str = raw["build"]  # the shards-<id> folder this manifest's files are in
+        self.encoding: str = (raw.get("encoding") or {"format": "raw"})["format"]  # older builds: raw
 
     def __repr__(self) -> str:
         rows = ", ".join(f"{name}={split['rows']}" for name, split in self.splits.items())
@@ -91,7 +95,7 @@ class Manifest:
             filesystem, inner = storage.filesystem(path)
             with filesystem.open_input_file(inner) as handle:
                 table = pq.read_table(handle, columns=["id", "label", "image"]).slice(0, remaining)
-            tables.append(table)
+            tables.append(table if self.encoding == "raw" else decode_block(table, self.image_size))
             remaining -= table.num_rows
             if remaining <= 0:
                 break
@@ -126,8 +130,15 @@ class Manifest:
             # aims at 200 blocks per read (DataContext.read_op_min_num_blocks), and every block's hand-over
             # through the streaming split slows a worker's input (see BENCHMARKS.md, "One worker's input
             # pipeline: whole files as blocks, augmentation in numpy").
-            return ray.data.read_parquet(inner_paths, filesystem=filesystem, columns=["id", "label", "image"],
-                                         num_cpus=READ_TASK_CPUS, shuffle=shuffle, override_num_blocks=len(paths))
+            dataset = ray.data.read_parquet(inner_paths, filesystem=filesystem, columns=["id", "label", "image"],
+                                            num_cpus=READ_TASK_CPUS, shuffle=shuffle, override_num_blocks=len(paths))
+            if self.encoding != "raw":
+                # The same resources as the read, so Ray Data fuses the two: each read task decodes its
+                # own file, wherever in the cluster it runs, and hands on raw pixels.
+                dataset = dataset.map_batches(decode_block, batch_size=None, batch_format="pyarrow",
+                                              zero_copy_batch=True, num_cpus=READ_TASK_CPUS,
+                                              fn_kwargs={"image_size": self.image_size})
+            return dataset
         finally:
             if use_v2:
                 context.use_datasource_v2 = use_v2
@@ -186,6 +197,7 @@ def write_manifest(output: str, config, source, *, config_fingerprint: str, buil
         "class_names": source.class_names,
         "image_size": data.image_size,
         "resize": resolved_resize(data.resize, data.image_size),
+        "encoding": stored_encoding(data),
         "channels": 3,
         "pixel_format": PIXEL_FORMAT,
         "normalization": {"mean": [round(float(v), 6) for v in mean], "std": [round(float(v), 6) for v in std],

@@ -33,8 +33,9 @@ import pyarrow.parquet as pq
 from pipeline import InputError, storage
 from pipeline.config import Config, DataConfig, fingerprint
 from pipeline.data.cifar import cifar_pixels
+from pipeline.data.encoding import encode_pixels, encoding_of, resolved_encoding, stored_encoding
 from pipeline.data.images import DECODE_CHANGES, DECODE_VERSION, UnreadableImage, decode_image, resolved_resize
-from pipeline.data.manifest import (MANIFEST_NAME, SCHEMA_VERSION, Manifest, arrow_pixels, collect_garbage, lease,
+from pipeline.data.manifest import (MANIFEST_NAME, SCHEMA_VERSION, Manifest, collect_garbage, lease,
                                     shard_relative_path, write_manifest)
 from pipeline.data.sources import Item, Source, SourceError, resolve_source
 
@@ -169,6 +170,9 @@ def data_config_fingerprint(data: DataConfig) -> str:
     resize = resolved_resize(data.resize, data.image_size)
     if resize != "squash":  # builds from before data.resize existed squashed: their fingerprint stands
         values["resize"] = resize
+    encoding = stored_encoding(data)
+    if encoding["format"] != "raw":  # likewise: builds from before data.encoding stored raw pixels
+        values["encoding"] = encoding
     return fingerprint(values)
 
 
@@ -197,6 +201,9 @@ def why_stale_for_config(existing: dict, data: DataConfig) -> Optional[str]:
         resize = resolved_resize(data.resize, data.image_size)
         if existing.get("resize", "squash") != resize:
             changed.append(f"resize {existing.get('resize', 'squash')!r} -> {resize!r}")
+        stored, wanted = encoding_of(existing), encoding_of({"encoding": stored_encoding(data)})
+        if stored != wanted:
+            changed.append(f"encoding {stored!r} -> {wanted!r}")
         return "changed data." + ", data.".join(changed) if changed else "the data config changed"
     output = storage.absolute(data.output)
     for split in existing.get("splits", {}).values():
@@ -274,28 +281,36 @@ def split_train_val(items: list[Item], val_fraction: float, method: str, seed: i
 
 # ---------------------------------------------------------------- Ray Data: decode
 
-def decode_images(batch: dict[str, np.ndarray], image_size: int, resize: str) -> pa.Table:
-    """Items -> raw pixels. A file that cannot be read or decoded becomes a row with an ``error``
-    reason (and empty image) instead of failing the dataset; the writer skips and reports it."""
-    images, errors = [], []
-    for path, row in zip(batch["path"], batch["row"]):
+def decode_images(batch: dict[str, np.ndarray], image_size: int, resize: str, encoding: str = "raw",
+                  quality: int = 90) -> pa.Table:
+    """Items -> their pixels as the shards store them (``encoding``), with each image's per-channel
+    sums and sums of squares (exact integers: the train split's mean and std add them up). A file
+    that cannot be read or decoded becomes a row with an ``error`` reason (and empty image)
+    instead of failing the dataset; the writer skips and reports it."""
+    images, errors, sums = [], [], np.zeros((len(batch["path"]), 6), dtype=np.int64)
+    for index, (path, row) in enumerate(zip(batch["path"], batch["row"])):
         try:
             if row >= 0:
                 pixels = cifar_pixels(path, int(row), image_size)
             else:
                 with open(path, "rb") as handle:
                     pixels = decode_image(handle.read(), image_size, resize=resize)
-            images.append(np.ascontiguousarray(pixels).tobytes())
+            images.append(encode_pixels(pixels, encoding, quality))
             errors.append("")
         except (UnreadableImage, OSError) as error:
             images.append(b"")
             errors.append(str(error) or type(error).__name__)
+            continue
+        values = pixels.reshape(-1, 3).astype(np.int64)
+        sums[index, :3] = values.sum(axis=0)
+        sums[index, 3:] = (values * values).sum(axis=0)
     return pa.table({
         "index": pa.array(batch["index"], pa.int64()),
         "id": pa.array(batch["id"], pa.string()),
         "label": pa.array(batch["label"], pa.int64()),
         "image": pa.array(images, pa.binary()),
         "error": pa.array(errors, pa.string()),
+        "pixel_sums": pa.FixedSizeListArray.from_arrays(pa.array(sums.ravel(), pa.int64()), 6),
     })
 
 
@@ -317,12 +332,11 @@ def shard_name(index: np.ndarray, rows_per_shard: int, split_rows: int) -> str:
 
 
 def write_shards(batch: pa.Table, output: str, build: str, split: str, rows_per_shard: int,
-                 split_rows: int, num_classes: int, image_size: int) -> dict[str, np.ndarray]:
+                 split_rows: int, num_classes: int) -> dict[str, np.ndarray]:
     """One batch -> one Parquet file of its good rows, and a one-row summary for the manifest.
 
     Memory beyond the batch itself stays within a few row groups (Parquet's page and compression
-    buffers): the good rows are the batch itself when none failed (no filtered copy), and the
-    pixel statistics are read from views of the Arrow buffers, a few MiB at a time."""
+    buffers): the good rows are the batch itself when none failed (no filtered copy)."""
     errors = batch.column("error").to_numpy(zero_copy_only=False)
     good = errors == ""
     ids = batch.column("id")
@@ -332,13 +346,10 @@ def write_shards(batch: pa.Table, output: str, build: str, split: str, rows_per_
     pixel_sum, pixel_sum_sq, relative_path = [0.0] * 3, [0.0] * 3, ""
     if good.any():
         table = batch if good.all() else batch.filter(pa.array(good))
+        sums = np.asarray(table.column("pixel_sums").combine_chunks().flatten()).reshape(-1, 6).sum(axis=0)
+        pixel_sum, pixel_sum_sq = [float(value) for value in sums[:3]], [float(value) for value in sums[3:]]
         table = table.select(["id", "label", "image"])
-        counts = _channel_histograms(table.column("image"), image_size * image_size * 3)
-        levels = np.arange(256, dtype=np.float64)
-        for channel in range(3):
-            # 256-bin histograms give exact sums without a float copy of every pixel.
-            pixel_sum[channel] = float(counts[channel] @ levels)
-            pixel_sum_sq[channel] = float(counts[channel] @ levels**2)
+        row_bytes = max(1, table.column("image").nbytes // table.num_rows)  # encoded images are smaller
         relative_path = shard_relative_path(build, split, shard_name(batch.column("index").to_numpy(),
                                                                      rows_per_shard, split_rows))
         with storage.open_output(storage.join(output, *relative_path.split("/"))) as stream:
@@ -347,7 +358,7 @@ def write_shards(batch: pa.Table, output: str, build: str, split: str, rows_per_
             # dictionary for the pixels: every image is unique, the attempt only costs memory. And no
             # compression for them: Snappy saves 0.1% of CIFAR-10's pixels and triples the time a
             # worker's read task spends decoding them (BENCHMARKS.md, "A worker's input at 224 px").
-            pq.write_table(table, stream, row_group_size=max(1, ROW_GROUP_BYTES // (image_size * image_size * 3)),
+            pq.write_table(table, stream, row_group_size=max(1, ROW_GROUP_BYTES // row_bytes),
                            use_dictionary=["id", "label"], compression={"id": "snappy", "label": "snappy", "image": "none"})
     return {
         "path": np.array([relative_path]),
@@ -357,22 +368,6 @@ def write_shards(batch: pa.Table, output: str, build: str, split: str, rows_per_
         "class_counts": np.array([json.dumps(np.bincount(labels, minlength=num_classes).tolist())]),
         "rejected": np.array([json.dumps(rejected)]),
     }
-
-
-def _channel_histograms(column: pa.ChunkedArray, row_bytes: int, chunk_bytes: int = 4 * 2**20) -> np.ndarray:
-    """(3, 256) counts of each channel's values over the image column, read from zero-copy views
-    of its Arrow value buffers ``chunk_bytes`` at a time (np.bincount copies what it is given)."""
-    counts = np.zeros((3, 256), dtype=np.int64)
-    step = max(3, chunk_bytes // 3 * 3)
-    for chunk in column.chunks:
-        pixels = arrow_pixels(chunk, row_bytes)
-        if pixels is None:  # not all rows row_bytes long: only a broken decoder could do that
-            raise ValueError(f"image rows are not all {row_bytes} bytes (image_size x image_size x 3)")
-        for start in range(0, len(pixels), step):
-            rgb = pixels[start:start + step].reshape(-1, 3)
-            for channel in range(3):
-                counts[channel] += np.bincount(rgb[:, channel], minlength=256)
-    return counts
 
 
 def shard_rows(data: DataConfig) -> int:
@@ -455,12 +450,14 @@ def _write_split(split: str, items: list[Item], source: Source, data: DataConfig
     dataset.context.op_resource_reservation_enabled = False
     on_this_node = _on_this_node()
     dataset = dataset.map_batches(
-        decode_images, batch_size=None, batch_format="numpy", fn_kwargs={"image_size": data.image_size, "resize": resolved_resize(data.resize, data.image_size)},
+        decode_images, batch_size=None, batch_format="numpy",
+        fn_kwargs={"image_size": data.image_size, "resize": resolved_resize(data.resize, data.image_size),
+                   "encoding": resolved_encoding(data.encoding, data.image_size), "quality": data.encoding_quality},
         compute=ray.data.TaskPoolStrategy(size=min(len(blocks), 2 * _this_node_cpus())), **on_this_node)
     dataset = dataset.map_batches(
         write_shards, batch_size=rows_per_shard, batch_format="pyarrow",
         fn_kwargs={"output": output, "build": build, "split": split, "rows_per_shard": rows_per_shard,
-                   "split_rows": len(items), "num_classes": len(source.class_names), "image_size": data.image_size},
+                   "split_rows": len(items), "num_classes": len(source.class_names)},
         memory=_writer_memory(data),
         # A local output folder must be the driver's disk too, or shards would scatter over nodes.
         **({} if storage.is_uri(output) else on_this_node))
@@ -514,7 +511,7 @@ def summarize(manifest: Manifest) -> str:
         reasons = " (" + "; ".join(f"{e['id']}: {e['reason']}" for e in raw["rejected"][:3]) \
                   + ("; ..." if rejected > 3 else "") + ")"
     return (f"Preprocessed {raw['source']['spec']} ({raw['source']['kind']}, {manifest.num_classes} classes, "
-            f"{manifest.image_size}x{manifest.image_size} RGB) into {manifest.root}: {splits}; "
+            f"{manifest.image_size}x{manifest.image_size} RGB, stored {encoding_of(raw)}) into {manifest.root}: {splits}; "
             f"{rejected} of {raw['counts']['seen']} files rejected{reasons}; "
             f"{raw['images_per_second']:.0f} rows/s over {raw['elapsed_seconds']:.1f} s (built {raw['created']}); "
             f"train mean {[round(v, 1) for v in manifest.mean]}, std {[round(v, 1) for v in manifest.std]}; "
