@@ -1,16 +1,22 @@
-"""A real autoscaling cluster on this machine: Ray's fake multi-node provider, with the head and
-the 1-GPU worker type of ray-cluster.yaml (its GPU mapped to a custom resource, so it runs on
-CPUs). A 2-worker training job makes the autoscaler start worker nodes, one Ray Train worker on
-each (the all-reduce crosses raylets), trains and exports; two Tune trials run on two nodes; batch
-inference spreads over them; the idle nodes are removed afterwards. Every node is a real raylet process."""
+"""A real autoscaling cluster on this machine: Ray's fake multi-node provider (which forgets a lost
+node, as a cloud does: reclaiming_provider.py), with the head and the 1-GPU worker type of
+ray-cluster.yaml (its GPU mapped to a custom resource, so it runs on CPUs). A 2-worker training job
+makes the autoscaler start worker nodes, one Ray Train worker on each (the all-reduce crosses
+raylets); one of them is lost mid-run, the autoscaler replaces it and the job trains on and
+exports; two Tune trials run on two nodes; batch inference spreads over them; the idle nodes are
+removed afterwards. Every node is a real raylet process."""
 
+import contextlib
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
 
+import psutil
 import pytest
 import yaml
 
@@ -36,7 +42,8 @@ def fake_cluster_config(gcs_address: str) -> dict:
     return {
         "cluster_name": "fake-autoscaling", "max_workers": 2, "upscaling_speed": 1.0,
         "idle_timeout_minutes": IDLE_SECONDS / 60,
-        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+        "provider": {"type": "external", "module": "reclaiming_provider.ReclaimingFakeProvider",
+                     "use_node_id_as_ip": True, "disable_node_updaters": True,
                      "disable_launch_config_check": True, "gcs_address": gcs_address},
         "auth": {}, "docker": {},
         "available_node_types": {
@@ -65,7 +72,8 @@ def autoscaling_cluster(tmp_path_factory, bucket_env):
 
     stop_local_ray()
     root = tmp_path_factory.mktemp("autoscaling")
-    env = {**cluster_env(), **bucket_env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    env = {**cluster_env(), **bucket_env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [os.path.dirname(__file__), os.environ.get("PYTHONPATH")]))}
     port = free_port()
     gcs = f"{ray._private.services.get_node_ip_address()}:{port}"
     # Short: Ray's socket paths live under it, and a Unix socket path has at most 107 characters.
@@ -109,7 +117,8 @@ def watch_nodes(cluster, until, timeout):
 def shards(autoscaling_cluster):
     """Preprocessed outside the cluster (its head has no CPUs for the decode tasks, see preflight)."""
     root = autoscaling_cluster["root"]
-    source = make_image_folder(str(root / "images"), classes=3, per_class=24, test_per_class=4)
+    # 60 per class: a 2-epoch run at batch 2 has time for a node to be lost in its second epoch.
+    source = make_image_folder(str(root / "images"), classes=3, per_class=60, test_per_class=4)
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     result = subprocess.run(["python", os.path.join(REPO, "jobs/preprocess.py"), "--config",
                              os.path.join(REPO, "configs/smoke.yaml"), "--set", f"data.source={source}",
@@ -118,7 +127,7 @@ def shards(autoscaling_cluster):
     return source
 
 
-def cluster_job(cluster, source, *arguments, script="jobs/train.py", config="configs/smoke.yaml"):
+def cluster_job(cluster, source, *arguments, script="jobs/train.py", config="configs/smoke.yaml", options=()):
     # No --working-dir: the fake nodes share this machine's Ray temp dir, and one node's clean-up of
     # the runtime-env cache would delete another's copy; the installed package is on every node.
     root = cluster["root"]
@@ -128,7 +137,7 @@ def cluster_job(cluster, source, *arguments, script="jobs/train.py", config="con
                # every fake node is on this machine's disk: declared shared, as an NFS mount would be
                "--set", f"run.shared_paths=[{root}]", "--set", "scaling.custom_resources={fake_gpu: 1}",
                "--set", "train.max_failures=0", *arguments]
-    return submit(cluster["address"], cluster["env"], None, *command)
+    return submit(cluster["address"], cluster["env"], None, *command, options=options)
 
 
 def history_improved(run_dir) -> bool:
@@ -136,21 +145,70 @@ def history_improved(run_dir) -> bool:
     return [row["epoch"] for row in history] == [1, 2] and history[-1]["loss"] < history[0]["loss"]
 
 
-def test_training_job_scales_up_and_trains_across_nodes(autoscaling_cluster, shards):
+def node_processes(node_id: str) -> list:
+    """Every process of a fake node (raylet, agents, workers): the provider starts them with the
+    node's id in RAY_OVERRIDE_NODE_ID_FOR_TESTING, and each child inherits it."""
+    found = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            if process.environ().get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") == node_id:
+                found.append(process)
+    return found
+
+
+def test_training_job_scales_up_and_a_lost_node_is_replaced(autoscaling_cluster, shards):
+    """The job makes the autoscaler add two GPU nodes; in the second epoch one of them is lost
+    (every process of it killed, no goodbye: a reclaimed spot VM, a kernel panic). Ray Train
+    restarts from the epoch's checkpoint (train.max_failures=1) and waits for two nodes; the
+    autoscaler launches a replacement; the run finishes on it and the node that was left."""
     cluster = autoscaling_cluster
+    run_dir = cluster["root"] / "runs" / "scaled"
+    job_id = f"scaled-{os.getpid()}"
     result = cluster_job(cluster, shards, "--set", "scaling.num_workers=2", "--set", "run.name=scaled",
-                         "--set", "train.precision=fp32")
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
+                         "--set", "train.precision=fp32", "--set", "train.global_batch_size=2",
+                         "--set", "train.max_failures=1", options=("--no-wait", "--submission-id", job_id))
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+
+    deadline = time.time() + 600
+    while not (run_dir / "checkpoint_manager_snapshot.json").exists():  # epoch 1 committed
+        assert time.time() < deadline and "failed" not in job_status(cluster, job_id), job_output(cluster, job_id)[-4000:]
+        time.sleep(0.5)
+    first = [json.loads((run_dir / "workers" / f"rank-{rank:03d}.json").read_text()) for rank in (0, 1)]
+    lost = first[1]["node_id"]
+    processes = node_processes(lost)
+    assert processes, f"no process of node {lost}"
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signal.SIGKILL)
+
+    deadline = time.time() + 600
+    while time.time() < deadline and not re.search(r"succeeded|failed|stopped", job_status(cluster, job_id)):
+        time.sleep(3)
+    output = job_output(cluster, job_id)
+    assert "succeeded" in job_status(cluster, job_id), output[-4000:]
     # The head alone holds no worker: the job said it waits for the autoscaler, not silence.
     assert "waiting for the autoscaler to add nodes" in output, output[-4000:]
-    summary = json.loads((cluster["root"] / "runs" / "scaled" / "summary.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["epochs"] == 2 and os.path.exists(summary["export"])
-    assert history_improved(cluster["root"] / "runs" / "scaled")
+    assert history_improved(run_dir)  # each epoch once
+    assert [(attempt["workers"], attempt["from_epoch"]) for attempt in summary["attempts"]] == [(2, 0), (2, 1)]
     assert summary["evaluation"]["rows"] == 12  # rank 0 evaluates every test row, none dropped by the split
-    # One Ray Train worker per autoscaled node: the all-reduce crossed raylets.
+    # One Ray Train worker per autoscaled node: the all-reduce crossed raylets; the last attempt
+    # ran on the node that was left and the one that replaced the lost one.
     nodes = {worker["node_id"] for worker in summary["workers"]}
     assert len(summary["workers"]) == 2 and len(nodes) == 2
+    assert lost not in nodes and first[0]["node_id"] in nodes
+
+
+def job_status(cluster, job_id: str) -> str:
+    result = subprocess.run(["ray", "job", "status", "--address", cluster["address"], job_id], env=cluster["env"],
+                            capture_output=True, text=True, timeout=120)
+    return result.stdout + result.stderr
+
+
+def job_output(cluster, job_id: str) -> str:
+    return subprocess.run(["ray", "job", "logs", "--address", cluster["address"], job_id], env=cluster["env"],
+                          capture_output=True, text=True, timeout=120).stdout
 
 
 def test_two_trials_run_at_once_on_different_nodes(autoscaling_cluster, shards):
@@ -197,8 +255,8 @@ def test_batch_inference_across_nodes_from_and_to_s3(autoscaling_cluster, shards
         f"{BUCKET}/predictions/"], env={**os.environ, **bucket_env}, capture_output=True, text=True, timeout=120)
     assert check.returncode == 0, check.stderr[-2000:]
     found = json.loads(check.stdout.strip().splitlines()[-1])
-    assert found["summary"]["files_seen"] == 72 and found["summary"]["classified"] == 72
-    assert len(found["paths"]) == 72 == len(set(found["paths"]))  # each file exactly once
+    assert found["summary"]["files_seen"] == 180 and found["summary"]["classified"] == 180
+    assert len(found["paths"]) == 180 == len(set(found["paths"]))  # each file exactly once
 
 
 def test_idle_nodes_are_removed(autoscaling_cluster):
