@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.config import DataConfig
 from pipeline.data import preprocess
-from pipeline.data.encoding import decode_block, encode_pixels, encoding_of, resolved_encoding, stored_encoding
+from pipeline.data.encoding import decode_block, described, encode_pixels, resolved_encoding, stored_encoding
 from pipeline.data.manifest import images_from_column
 
 
@@ -32,8 +32,8 @@ def test_auto_stores_raw_pixels_below_photo_size_and_jpeg_from_there():
     assert resolved_encoding("png", 32) == "png"
     assert stored_encoding(DataConfig(image_size=224)) == {"format": "jpeg", "quality": 90}
     assert stored_encoding(DataConfig(image_size=224, encoding="png", encoding_quality=50)) == {"format": "png"}
-    assert encoding_of({"encoding": {"format": "webp", "quality": 80}}) == "webp q80"
-    assert encoding_of({}) == "raw"  # a build from before data.encoding
+    assert described({"format": "webp", "quality": 80}) == "webp q80"
+    assert described(None) == "raw"  # a build from before data.encoding
 
 
 @pytest.mark.parametrize("encoding, tolerance", [("png", 0.0), ("jpeg", 2.5), ("webp", 2.5)])

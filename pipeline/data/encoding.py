@@ -40,10 +40,10 @@ def stored_encoding(data) -> dict:
     return {"format": encoding, "quality": data.encoding_quality} if encoding in LOSSY else {"format": encoding}
 
 
-def encoding_of(manifest: dict) -> str:
-    """A manifest's encoding in words (``raw``, ``png``, ``jpeg q90``); builds from before
-    data.encoding stored raw pixels."""
-    encoding = manifest.get("encoding") or {"format": "raw"}
+def described(encoding: dict | None) -> str:
+    """A manifest's ``encoding`` in words (``raw``, ``png``, ``jpeg q90``); None (a build from
+    before data.encoding) stored raw pixels."""
+    encoding = encoding or {"format": "raw"}
     return encoding["format"] + (f" q{encoding['quality']}" if "quality" in encoding else "")
 
 

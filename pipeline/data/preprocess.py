@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from pipeline import InputError, storage
 from pipeline.config import Config, DataConfig, fingerprint
 from pipeline.data.cifar import cifar_pixels
-from pipeline.data.encoding import encode_pixels, encoding_of, resolved_encoding, stored_encoding
+from pipeline.data.encoding import described, encode_pixels, resolved_encoding, stored_encoding
 from pipeline.data.images import DECODE_CHANGES, DECODE_VERSION, UnreadableImage, decode_image, resolved_resize
 from pipeline.data.manifest import (MANIFEST_NAME, SCHEMA_VERSION, Manifest, collect_garbage, lease,
                                     shard_relative_path, write_manifest)
@@ -201,7 +201,7 @@ def why_stale_for_config(existing: dict, data: DataConfig) -> Optional[str]:
         resize = resolved_resize(data.resize, data.image_size)
         if existing.get("resize", "squash") != resize:
             changed.append(f"resize {existing.get('resize', 'squash')!r} -> {resize!r}")
-        stored, wanted = encoding_of(existing), encoding_of({"encoding": stored_encoding(data)})
+        stored, wanted = described(existing.get("encoding")), described(stored_encoding(data))
         if stored != wanted:
             changed.append(f"encoding {stored!r} -> {wanted!r}")
         return "changed data." + ", data.".join(changed) if changed else "the data config changed"
@@ -511,7 +511,7 @@ def summarize(manifest: Manifest) -> str:
         reasons = " (" + "; ".join(f"{e['id']}: {e['reason']}" for e in raw["rejected"][:3]) \
                   + ("; ..." if rejected > 3 else "") + ")"
     return (f"Preprocessed {raw['source']['spec']} ({raw['source']['kind']}, {manifest.num_classes} classes, "
-            f"{manifest.image_size}x{manifest.image_size} RGB, stored {encoding_of(raw)}) into {manifest.root}: {splits}; "
+            f"{manifest.image_size}x{manifest.image_size} RGB, stored {described(raw.get('encoding'))}) into {manifest.root}: {splits}; "
             f"{rejected} of {raw['counts']['seen']} files rejected{reasons}; "
             f"{raw['images_per_second']:.0f} rows/s over {raw['elapsed_seconds']:.1f} s (built {raw['created']}); "
             f"train mean {[round(v, 1) for v in manifest.mean]}, std {[round(v, 1) for v in manifest.std]}; "
